@@ -1,0 +1,371 @@
+"""Typed run configuration: frozen dataclasses, YAML presets, dotted overrides.
+
+Every problem in a config (unknown keys, wrong types, bad values) is collected and
+reported at once in a :class:`~mllmcl.errors.ConfigError`.
+
+    cfg = load_config("jobs/configs/dcl/mr_lora_tiny.yaml", ["train.lr=1e-3", "run.id=demo"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mllmcl.errors import ConfigError
+
+
+# --------------------------------------------------------------------------- sections
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the stream's data lives. ``root: synthetic`` builds the offline twin."""
+
+    stream: str = "dcl"
+    root: str = "synthetic"
+    tasks: tuple[str, ...] = ()  # empty = the stream's full order
+    verify_images: str = "exists"  # none | exists | decode
+    limit: int = 0  # cap samples per split (0 = all); for smoke tests
+    synthetic_train: int = 1000
+    synthetic_test: int = 200
+    synthetic_image_size: int = 64
+    synthetic_seed: int = 0
+
+    def check(self) -> list[str]:
+        from mllmcl.data.streams import STREAMS
+
+        p = []
+        if self.stream not in STREAMS:
+            p.append(f"data.stream={self.stream!r}: unknown stream, expected one of {sorted(STREAMS)}")
+        else:
+            bad = [t for t in self.tasks if t not in STREAMS[self.stream].task_names]
+            if bad:
+                p.append(f"data.tasks: unknown task(s) {bad} for stream {self.stream!r}, "
+                         f"expected names from {STREAMS[self.stream].task_names}")
+        if self.verify_images not in ("none", "exists", "decode"):
+            p.append(f"data.verify_images={self.verify_images!r}: expected one of none, exists, decode")
+        for k in ("limit", "synthetic_train", "synthetic_test"):
+            if getattr(self, k) < 0:
+                p.append(f"data.{k}={getattr(self, k)}: must be >= 0")
+        return p
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``path: tiny`` = the tiny preset built offline; else a local folder or s3:// prefix."""
+
+    path: str = "tiny"
+    dtype: str = "float32"
+
+    def check(self) -> list[str]:
+        p = []
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            p.append(f"model.dtype={self.dtype!r}: expected float32, bfloat16 or float16")
+        if not self.path:
+            p.append("model.path: must not be empty")
+        return p
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def check(self) -> list[str]:
+        p = []
+        if self.rank < 1:
+            p.append(f"lora.rank={self.rank}: must be >= 1")
+        if self.alpha <= 0:
+            p.append(f"lora.alpha={self.alpha}: must be > 0")
+        if not 0 <= self.dropout < 1:
+            p.append(f"lora.dropout={self.dropout}: must be in [0, 1)")
+        if not self.target_modules:
+            p.append("lora.target_modules: must name at least one module")
+        return p
+
+    def settings(self):
+        from mllmcl.models.lora import LoraSettings
+
+        return LoraSettings(self.rank, self.alpha, self.dropout, tuple(self.target_modules))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = 8.0
+    max_steps: int = 0  # 0 = no cap
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+    def check(self) -> list[str]:
+        p = []
+        if self.epochs <= 0:
+            p.append(f"train.epochs={self.epochs}: must be > 0")
+        if self.max_steps < 0:
+            p.append(f"train.max_steps={self.max_steps}: must be >= 0")
+        if self.batch_size < 1:
+            p.append(f"train.batch_size={self.batch_size}: must be >= 1")
+        if not 0 < self.lr < 1:
+            p.append(f"train.lr={self.lr}: must be in (0, 1)")
+        if not 0 <= self.warmup_ratio < 1:
+            p.append(f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        return p
+
+    def settings(self, seed: int):
+        from mllmcl.training.loop import TrainSettings
+
+        return TrainSettings(epochs=self.epochs, max_steps=self.max_steps or None, batch_size=self.batch_size,
+                             lr=self.lr, warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
+                             grad_clip=self.grad_clip, seed=seed)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 100
+    max_new_tokens: int = 0  # 0 = the task's own limit (BENCHMARK.md)
+
+    def check(self) -> list[str]:
+        p = []
+        if self.batch_size < 1:
+            p.append(f"eval.batch_size={self.batch_size}: must be >= 1")
+        if self.max_new_tokens < 0:
+            p.append(f"eval.max_new_tokens={self.max_new_tokens}: must be >= 0")
+        return p
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "zero_shot"
+
+    def check(self) -> list[str]:
+        known = known_methods()
+        if self.name not in known:
+            return [f"method.name={self.name!r}: unknown method, expected one of {sorted(known)}"]
+        return []
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    root: str = "artifacts"
+
+    def check(self) -> list[str]:
+        if not self.root:
+            return ["storage.root: must not be empty"]
+        if "://" in self.root and not self.root.startswith(("s3://", "file://")):
+            return [f"storage.root={self.root!r}: only local paths, file:// and s3:// are supported"]
+        return []
+
+
+@dataclass(frozen=True)
+class RunSection:
+    id: str = ""  # empty = a fresh id from the time and config hash
+    seed: int = 0
+    progress: bool = True
+
+    def check(self) -> list[str]:
+        if self.id and not all(c.isalnum() or c in "-_." for c in self.id):
+            return [f"run.id={self.id!r}: use letters, digits, '-', '_' or '.' only"]
+        return []
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    run: RunSection = field(default_factory=RunSection)
+
+    def check(self) -> list[str]:
+        out: list[str] = []
+        for f in fields(self):
+            out += getattr(self, f.name).check()
+        return out
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def known_methods() -> set[str]:
+    """Method names a config may use (the registry, once methods exist)."""
+    try:
+        from mllmcl.methods import registered_methods
+    except ImportError:
+        return {"zero_shot"}
+    return set(registered_methods())
+
+
+# --------------------------------------------------------------------------- building
+
+def _to_plain(obj):
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, where: str, problems: list[str]):
+    """Check ``value`` against the annotation ``tp``; return the converted value."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            sub: list[str] = []
+            out = _coerce(value, a, where, sub)
+            if not sub:
+                return out
+        problems.append(f"{where}: expected {' | '.join(_type_name(a) for a in args)}, got {value!r}")
+        return None
+    if origin is tuple:
+        (inner, *_rest) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            return ()
+        return tuple(_coerce(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{where}: expected true/false, got {value!r}")
+        return False
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        problems.append(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return 0
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return 0.0
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.append(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return ""
+    return value
+
+
+def _build(cls, data: Any, where: str, problems: list[str]):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in names:
+            problems.append(f"{where + '.' if where else ''}{key}: unknown key (allowed: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        sub_where = f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name], sub_where, problems)
+        else:
+            sub: list[str] = []
+            value = _coerce(data[f.name], tp, sub_where, sub)
+            if sub:  # keep the default so value checks do not report the same field twice
+                problems.extend(sub)
+            else:
+                kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError([f"override {text!r}: expected key=value, e.g. train.lr=1e-4"])
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError([f"override {text!r}: bad key {key!r}"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str], problems: list[str]) -> dict:
+    data = _to_plain(data)
+    for text in overrides:
+        try:
+            path, value = parse_override(text)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            continue
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {} if part not in node else node[part]
+                if not isinstance(node[part], dict):
+                    problems.append(f"override {text!r}: {part} is not a section")
+                    break
+            node = node[part]
+        else:
+            node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    problems: list[str] = []
+    data = apply_overrides(data or {}, list(overrides or []), problems)
+    cfg = _build(Config, data, "", problems)
+    problems += cfg.check()
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError([f"config file {str(path)!r} not found"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML ({e})"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected a mapping at the top level, got {type(data).__name__}"])
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML preset (or the defaults) and apply dotted ``key=value`` overrides."""
+    data = load_yaml(path) if path else {}
+    return config_from_dict(data, overrides)

