@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -75,14 +76,19 @@ def s3_server():
     from botocore.config import Config
 
     workdir = tempfile.mkdtemp(prefix="weed-")
+    s3_config = os.path.join(workdir, "s3.json")
+    with open(s3_config, "w") as f:  # one identity with full rights: credentials are checked like on AWS
+        json.dump({"identities": [{"name": "mllmcl-test", "credentials": [
+            {"accessKey": "mllmcl-test", "secretKey": "mllmcl-test-secret"}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, f)
     ports = {k: _free_port() for k in ("s3", "master", "volume", "filer")}
     cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={workdir}", "-s3",
-           f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-           f"-filer.port={ports['filer']}", "-volume.max=20", "-master.volumeSizeLimitMB=64"]
+           f"-s3.port={ports['s3']}", f"-s3.config={s3_config}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+           f"-filer.port={ports['filer']}", "-volume.max=64", "-master.volumeSizeLimitMB=32"]
     log = open(os.path.join(workdir, "weed.log"), "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "mllmcl-test", "AWS_SECRET_ACCESS_KEY": "mllmcl-test",
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "mllmcl-test", "AWS_SECRET_ACCESS_KEY": "mllmcl-test-secret",
            "AWS_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -93,9 +99,7 @@ def s3_server():
             if proc.poll() is not None:
                 raise RuntimeError(f"weed exited early; see {workdir}/weed.log")
             try:
-                bucket = f"probe-{uuid.uuid4().hex[:6]}"
-                client.create_bucket(Bucket=bucket)
-                client.put_object(Bucket=bucket, Key="k", Body=b"v")
+                client.list_buckets()
                 break
             except Exception:
                 if time.time() > deadline:
@@ -114,14 +118,22 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        from mllmcl.storage.fs import _s3_filesystem
+        from mllmcl.storage.fs import _s3_client, _s3_filesystem
 
         _s3_filesystem.cache_clear()
+        _s3_client.cache_clear()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@pytest.fixture()
-def s3_bucket(s3_server):
-    name = f"t-{uuid.uuid4().hex[:10]}"
+@pytest.fixture(scope="session")
+def _session_bucket(s3_server):
+    # one bucket per session: every SeaweedFS bucket is a collection with volumes of its own
+    name = f"mllmcl-test-{uuid.uuid4().hex[:8]}"
     s3_server["client"].create_bucket(Bucket=name)
-    return f"s3://{name}"
+    return name
+
+
+@pytest.fixture()
+def s3_bucket(_session_bucket):
+    """An empty ``s3://bucket/prefix`` of its own for each test."""
+    return f"s3://{_session_bucket}/{uuid.uuid4().hex[:10]}"

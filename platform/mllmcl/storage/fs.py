@@ -47,13 +47,30 @@ def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSyste
     return pafs.S3FileSystem(**kwargs)
 
 
+def _s3_settings() -> tuple[str | None, str]:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return endpoint, region
+
+
+@lru_cache(maxsize=8)
+def _s3_client(endpoint: str | None, region: str | None):
+    """boto3 client for writes: single PUTs and managed multipart uploads."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint or None, region_name=region)
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key
+
+
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     """Return ``(filesystem, path inside it)`` for a local path or URI."""
     uri = str(uri)
     if uri.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        return _s3_filesystem(endpoint, region), uri[len("s3://"):].rstrip("/")
+        return _s3_filesystem(*_s3_settings()), uri[len("s3://"):].rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if "://" in uri:
@@ -96,9 +113,12 @@ def read_json(uri: str) -> Any:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write atomically: a temp file renamed into place locally; S3 puts are atomic."""
+    """Write atomically: a temp file renamed into place locally; one PUT on S3."""
+    if str(uri).startswith("s3://"):
+        bucket, key = _split_s3(str(uri))
+        _s3_client(*_s3_settings()).put_object(Bucket=bucket, Key=key, Body=data)
+        return
     fs, path = filesystem_for(uri)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
@@ -108,8 +128,6 @@ def write_bytes(uri: str, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         return
-    if parent:
-        fs.create_dir(parent, recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(data)
 
@@ -124,10 +142,19 @@ def write_json(uri: str, obj: Any) -> None:
 
 def upload_dir(local_dir: str, uri: str) -> None:
     """Copy a local folder tree to ``uri`` (local or remote)."""
-    src_fs = pafs.LocalFileSystem()
+    local_dir = os.path.abspath(local_dir)
+    if str(uri).startswith("s3://"):
+        bucket, prefix = _split_s3(str(uri).rstrip("/"))
+        client = _s3_client(*_s3_settings())
+        for dirpath, _, files in os.walk(local_dir):
+            for name in sorted(files):
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, local_dir).replace(os.sep, "/")
+                client.upload_file(full, bucket, f"{prefix}/{rel}" if prefix else rel)
+        return
     dst_fs, dst = filesystem_for(uri)
     dst_fs.create_dir(dst, recursive=True)
-    pafs.copy_files(os.path.abspath(local_dir), dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+    pafs.copy_files(local_dir, dst, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dst_fs)
 
 
 def download_dir(uri: str, local_dir: str) -> None:

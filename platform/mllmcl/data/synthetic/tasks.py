@@ -121,15 +121,15 @@ def driving(rng: np.random.Generator, size: int) -> Item:
             view = _camera_view(rng, w, h)
             d = ImageDraw.Draw(view)
             if (row, col) == (0, 1):  # front camera: the traffic light
-                bx = w / 2 + rng.uniform(-2, 2)
-                d.rectangle([bx - w * 0.22, h * 0.1, bx + w * 0.22, h * 0.85], fill=(25, 25, 25))
-                r = w * 0.17
+                bx = w / 2 + rng.uniform(-1, 1)
+                d.rectangle([bx - w * 0.36, h * 0.06, bx + w * 0.36, h * 0.9], fill=(25, 25, 25))
+                r = w * 0.3
                 cy = h * 0.48
                 d.ellipse([bx - r, cy - r, bx + r, cy + r], fill=jitter(LIGHTS[light], rng, 12))
             elif (row, col) == (1, 1):
                 if car_behind:
-                    cw, ch = w * rng.uniform(0.55, 0.75), h * rng.uniform(0.35, 0.5)
-                    cx = w / 2 + rng.uniform(-2, 2)
+                    cw, ch = w * rng.uniform(0.75, 0.95), h * rng.uniform(0.45, 0.6)
+                    cx = w / 2 + rng.uniform(-1, 1)
                     d.rectangle([cx - cw / 2, h - ch - 2, cx + cw / 2, h - 2], fill=jitter(_pick(rng, CAR_COLOURS), rng))
             elif rng.random() < 0.4:  # distractor cars in side views
                 cw, ch = w * rng.uniform(0.4, 0.7), h * rng.uniform(0.3, 0.45)

@@ -21,7 +21,7 @@ from mllmcl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 3  # bump when the drawings or questions change
+GENERATOR_VERSION = 4  # bump when the drawings or questions change
 MARKER = "synthetic.json"
 
 

@@ -1,0 +1,19 @@
+"""Domain continual-learning stream: RS -> Med -> AD -> Sci -> Fin.
+
+Laptop (synthetic stream, tiny VLM, local folder ./artifacts):
+    python jobs/domain_stream.py
+    python jobs/domain_stream.py run.id=demo storage.root=/tmp/mllmcl
+Real data and checkpoint:
+    python jobs/domain_stream.py data.root=/data/MLLM-CL model.path=/models/llava-1.5-7b-hf
+    python jobs/domain_stream.py data.root=s3://bucket/MLLM-CL storage.root=s3://bucket/mllmcl
+
+Today this job runs the zero-shot evaluation of the base model on every task; the
+continual methods (MR-LoRA and baselines on Ray Train) arrive with the stream runner.
+"""
+
+import sys
+
+from mllmcl.cli import run_stream_job
+
+if __name__ == "__main__":
+    sys.exit(run_stream_job("domain_stream.py", __doc__, "dcl"))

@@ -1,0 +1,59 @@
+"""Argument parsing shared by the thin entrypoints in ``jobs/``."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+import time
+
+from mllmcl.config import Config, load_config
+from mllmcl.errors import MllmclError
+
+
+def stream_parser(prog: str, doc: str, stream: str) -> argparse.ArgumentParser:
+    from mllmcl.config import known_methods
+
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=f"registered methods: {', '.join(sorted(known_methods()))}")
+    ap.add_argument("--config", default=None, help="YAML preset (default: built-in defaults, stream=%s)" % stream)
+    ap.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="dotted overrides, e.g. method.name=zero_shot storage.root=/data/x run.id=demo")
+    return ap
+
+
+def resolve(args, stream: str) -> Config:
+    overrides = list(args.overrides)
+    if not any(o.startswith("data.stream=") for o in overrides) and args.config is None:
+        overrides.insert(0, f"data.stream={stream}")
+    return load_config(args.config, overrides)
+
+
+def new_run_id(cfg: Config) -> str:
+    if cfg.run.id:
+        return cfg.run.id
+    digest = hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:6]
+    return f"{cfg.data.stream}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}-{digest}"
+
+
+def run_stream_job(prog: str, doc: str, stream: str, argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = stream_parser(prog, doc, stream).parse_args(argv)
+    try:
+        cfg = resolve(args, stream)
+        run_id = new_run_id(cfg)
+        if cfg.method.name != "zero_shot":
+            raise MllmclError(f"method.name={cfg.method.name!r} is not available yet")
+        from mllmcl.evaluation.zero_shot import run_zero_shot
+
+        result = run_zero_shot(cfg, run_id)
+    except MllmclError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\nzero-shot on {cfg.data.stream} ({cfg.model.path}), run {run_id}")
+    for t in result.tasks:
+        print(f"  {t:6s} {result.scores[t]:6.1f}")
+    print(f"  {'mean':6s} {result.mean:6.1f}")
+    print(f"artifacts: {result.run_dir}  ({result.seconds:.0f}s)")
+    return 0

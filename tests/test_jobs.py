@@ -1,0 +1,82 @@
+"""The entrypoints as a user runs them: make_synthetic and the zero-shot main job."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, env_extra=None, timeout=600):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_make_synthetic_writes_both_streams(tmp_path):
+    out = tmp_path / "syn"
+    r = _run(["jobs/make_synthetic.py", "--out", str(out), "--train", "4", "--test", "3"])
+    assert r.returncode == 0, r.stderr
+    assert "dcl: RS 4/3, Med 4/3, AD 4/3, Sci 4/3, Fin 4/3" in r.stdout
+    assert "acl: OCR 4/3, Math 4/3, VP 4/3, APP 4/3" in r.stdout
+    assert (out / "Ability_data" / "APP_test" / "test.json").exists()
+
+
+def _check_run(run_dir: Path, tasks):
+    metrics = json.loads((run_dir / "metrics" / "metrics.json").read_text())
+    assert metrics["tasks"] == tasks
+    assert set(metrics["zero_shot"]) == set(tasks)
+    assert metrics["MFT"] == pytest.approx(sum(metrics["zero_shot"].values()) / len(tasks))
+    for t in tasks:
+        assert (run_dir / "eval" / "zero_shot" / f"{t}.parquet").exists()
+    assert (run_dir / "report" / "report.html").read_text().startswith("<!doctype html>")
+    assert (run_dir / "report" / "accuracy_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    cfg = (run_dir / "config.yaml").read_text()
+    assert "git_sha" in cfg and "mllmcl_version" in cfg and "libraries" in cfg
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_domain_stream_zero_shot_job(tmp_path, small_tiny_path, synthetic_small):
+    r = _run(["jobs/domain_stream.py", f"storage.root={tmp_path}", "run.id=zs", f"model.path={small_tiny_path}",
+              f"data.root={synthetic_small}", "eval.max_new_tokens=4", "run.progress=false"])
+    assert r.returncode == 0, r.stderr
+    assert "zero-shot on dcl" in r.stdout and "mean" in r.stdout
+    _check_run(tmp_path / "runs" / "zs", ["RS", "Med", "AD", "Sci", "Fin"])
+
+
+def test_ability_stream_help_lists_methods():
+    r = _run(["jobs/ability_stream.py", "--help"])
+    assert r.returncode == 0 and "registered methods:" in r.stdout and "zero_shot" in r.stdout
+
+
+def test_bad_config_fails_before_any_work(tmp_path):
+    r = _run(["jobs/domain_stream.py", f"storage.root={tmp_path}", "train.lr=fast", "lora.rnk=8",
+              "data.stream=ccl"])
+    assert r.returncode == 2
+    for needle in ("train.lr: expected a number", "lora.rnk: unknown key", "data.stream='ccl'"):
+        assert needle in r.stderr, r.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_bad_data_fails_before_any_work(tmp_path, fixture_release):
+    r = _run(["jobs/domain_stream.py", f"storage.root={tmp_path / 'out'}", f"data.root={fixture_release}",
+              "run.id=x"])
+    assert r.returncode == 2
+    assert "AD: task folder for dcl/AD not found" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.s3
+def test_zero_shot_job_writes_to_s3(s3_bucket, small_tiny_path, synthetic_small, tmp_path):
+    from mllmcl import storage
+
+    r = _run(["jobs/ability_stream.py", f"storage.root={s3_bucket}", "run.id=zs3", f"model.path={small_tiny_path}",
+              f"data.root={synthetic_small}", "eval.max_new_tokens=4", "run.progress=false"])
+    assert r.returncode == 0, r.stderr
+    local = tmp_path / "copy"
+    storage.download_dir(f"{s3_bucket}/runs/zs3", str(local))
+    _check_run(local, ["OCR", "Math", "VP", "APP"])
