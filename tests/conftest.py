@@ -137,3 +137,27 @@ def _session_bucket(s3_server):
 def s3_bucket(_session_bucket):
     """An empty ``s3://bucket/prefix`` of its own for each test."""
     return f"s3://{_session_bucket}/{uuid.uuid4().hex[:10]}"
+
+
+# --------------------------------------------------------------------------- Ray
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray cluster for the whole test run (never `ray stop`: we stop only what we started)."""
+    import ray
+
+    os.environ.setdefault("MLLMCL_CACHE", str(tmp_path_factory.mktemp("mllmcl-cache")))
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "MLLMCL_CACHE": os.environ["MLLMCL_CACHE"]}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def stream_overrides(small_tiny_path, synthetic_small):
+    """Settings for quick stream runs on the small synthetic stream and small tiny base."""
+    return [f"model.path={small_tiny_path}", f"data.root={synthetic_small}", "train.max_steps=4",
+            "train.batch_size=4", "eval.max_new_tokens=4", "eval.batch_size=16", "method.router_epochs=2",
+            "method.router_samples_per_task=4", "method.router_batch_size=4", "method.replay_per_task=3",
+            "run.progress=false", "scaling.threads_per_worker=1"]

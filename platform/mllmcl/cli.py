@@ -37,23 +37,29 @@ def new_run_id(cfg: Config) -> str:
     return f"{cfg.data.stream}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}-{digest}"
 
 
+def print_summary(result) -> None:
+    m = result.metrics
+    print(f"\n{m['stream'].upper()} stream · {m['method']} · run {result.run_id}\n")
+    print(result.matrix.format_table())
+    line = "  ".join(f"{k} {m[k]:.2f}" for k in ("MFT", "MFN", "MAA", "BWT"))
+    print(f"\n{line}")
+    if m.get("router_accuracy") is not None:
+        print(f"router accuracy {m['router_accuracy']:.1f}%  oracle routing {m['oracle_final']:.2f}  "
+              f"fallbacks {m['router_fallbacks_per_stage']}")
+    print(f"artifacts: {result.run_dir}  ({result.seconds:.0f}s)")
+
+
 def run_stream_job(prog: str, doc: str, stream: str, argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = stream_parser(prog, doc, stream).parse_args(argv)
     try:
         cfg = resolve(args, stream)
         run_id = new_run_id(cfg)
-        if cfg.method.name != "zero_shot":
-            raise MllmclError(f"method.name={cfg.method.name!r} is not available yet")
-        from mllmcl.evaluation.zero_shot import run_zero_shot
+        from mllmcl.training.stream import run_stream
 
-        result = run_zero_shot(cfg, run_id)
+        result = run_stream(cfg, run_id)
     except MllmclError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"\nzero-shot on {cfg.data.stream} ({cfg.model.path}), run {run_id}")
-    for t in result.tasks:
-        print(f"  {t:6s} {result.scores[t]:6.1f}")
-    print(f"  {'mean':6s} {result.mean:6.1f}")
-    print(f"artifacts: {result.run_dir}  ({result.seconds:.0f}s)")
+    print_summary(result)
     return 0

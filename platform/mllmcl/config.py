@@ -100,7 +100,9 @@ class LoraConfig:
 class TrainConfig:
     epochs: float = 8.0
     max_steps: int = 0  # 0 = no cap
-    batch_size: int = 16
+    batch_size: int = 16  # effective (global) batch: split over workers and accumulation steps
+    grad_accum: int = 1
+    mixed_precision: str = "auto"  # auto (bf16 on GPU) | bf16 | fp16 | no
     lr: float = 2e-3
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -118,6 +120,10 @@ class TrainConfig:
             p.append(f"train.lr={self.lr}: must be in (0, 1)")
         if not 0 <= self.warmup_ratio < 1:
             p.append(f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        if self.grad_accum < 1:
+            p.append(f"train.grad_accum={self.grad_accum}: must be >= 1")
+        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+            p.append(f"train.mixed_precision={self.mixed_precision!r}: expected auto, bf16, fp16 or no")
         return p
 
     def settings(self, seed: int):
@@ -125,13 +131,14 @@ class TrainConfig:
 
         return TrainSettings(epochs=self.epochs, max_steps=self.max_steps or None, batch_size=self.batch_size,
                              lr=self.lr, warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
-                             grad_clip=self.grad_clip, seed=seed)
+                             grad_clip=self.grad_clip, seed=seed, grad_accum=self.grad_accum)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = 100
     max_new_tokens: int = 0  # 0 = the task's own limit (BENCHMARK.md)
+    cache_predictions: bool = True  # reuse an adapter's answers to a test sample at later stages
 
     def check(self) -> list[str]:
         p = []
@@ -144,13 +151,73 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    name: str = "zero_shot"
+    """The CL method and its options (each method reads the options it uses)."""
+
+    name: str = "mr_lora"
+    # replay: a bounded random buffer of earlier tasks' training samples
+    replay_per_task: int = 100  # samples kept per earlier task (0 = use replay_ratio)
+    replay_ratio: float = 0.0  # buffer size as a fraction of the current task's train split
+    # mr_lora: the MLLM router (base model + router LoRA)
+    router_samples_per_task: int = 20
+    router_epochs: float = 30.0
+    router_lr: float = 2e-3
+    router_rank: int = 16
+    router_batch_size: int = 16
+    router_fallback: str = "random"  # random | last | first: expert used when the router's answer does not parse
+    # joint: "cumulative" trains one LoRA on tasks 1..k at every stage; "final" only once on all tasks
+    joint_mode: str = "cumulative"
 
     def check(self) -> list[str]:
+        p = []
         known = known_methods()
         if self.name not in known:
-            return [f"method.name={self.name!r}: unknown method, expected one of {sorted(known)}"]
-        return []
+            p.append(f"method.name={self.name!r}: unknown method, expected one of {sorted(known)}")
+        if self.replay_per_task < 0:
+            p.append(f"method.replay_per_task={self.replay_per_task}: must be >= 0")
+        if not 0 <= self.replay_ratio <= 10:
+            p.append(f"method.replay_ratio={self.replay_ratio}: must be in [0, 10]")
+        if self.router_samples_per_task < 1:
+            p.append(f"method.router_samples_per_task={self.router_samples_per_task}: must be >= 1")
+        if self.router_epochs <= 0:
+            p.append(f"method.router_epochs={self.router_epochs}: must be > 0")
+        if not 0 < self.router_lr < 1:
+            p.append(f"method.router_lr={self.router_lr}: must be in (0, 1)")
+        if self.router_rank < 1:
+            p.append(f"method.router_rank={self.router_rank}: must be >= 1")
+        if self.router_batch_size < 1:
+            p.append(f"method.router_batch_size={self.router_batch_size}: must be >= 1")
+        if self.router_fallback not in ("random", "last", "first"):
+            p.append(f"method.router_fallback={self.router_fallback!r}: expected random, last or first")
+        if self.joint_mode not in ("cumulative", "final"):
+            p.append(f"method.joint_mode={self.joint_mode!r}: expected cumulative or final")
+        return p
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """Ray Train workers for each task's fine-tuning, and the evaluation actor's resources."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # 0 = 1 when use_gpu
+    threads_per_worker: int = 0  # torch threads; 0 = the node's cores / workers on the node
+    eval_cpus: float = 0.0
+    eval_gpus: float = 0.0
+    max_failures: int = 2  # a failed worker group restarts from the last checkpoint this often
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch
+
+    def check(self) -> list[str]:
+        p = []
+        if self.num_workers < 1:
+            p.append(f"scaling.num_workers={self.num_workers}: must be >= 1")
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0 or self.eval_cpus < 0 or self.eval_gpus < 0:
+            p.append("scaling: resources must be >= 0")
+        if self.max_failures < 0:
+            p.append(f"scaling.max_failures={self.max_failures}: must be >= 0")
+        if self.checkpoint_every < 0:
+            p.append(f"scaling.checkpoint_every={self.checkpoint_every}: must be >= 0")
+        return p
 
 
 @dataclass(frozen=True)
@@ -185,6 +252,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     run: RunSection = field(default_factory=RunSection)
 
@@ -203,10 +271,8 @@ class Config:
 
 def known_methods() -> set[str]:
     """Method names a config may use (the registry, once methods exist)."""
-    try:
-        from mllmcl.methods import registered_methods
-    except ImportError:
-        return {"zero_shot"}
+    from mllmcl.methods import registered_methods
+
     return set(registered_methods())
 
 

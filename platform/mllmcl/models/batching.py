@@ -44,7 +44,7 @@ class Collator:
 
     processor: object
     chat: ChatFormat = field(default_factory=ChatFormat)
-    max_length: int = 256
+    max_length: int = 512
 
     def __post_init__(self):
         self.tok = self.processor.tokenizer

@@ -27,7 +27,7 @@ from mllmcl.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-PRESET_VERSION = 2  # bump when the recipe below changes
+PRESET_VERSION = 3  # bump when the recipe below changes
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
 
 
@@ -65,6 +65,11 @@ def tokenizer_corpus(seed: int = 0) -> list[str]:
             item = GENERATORS[name](rng, 32)
             ans = item.answer if isinstance(item.answer, str) else " ".join(item.answer)
             texts.append(f"USER: {item.question} ASSISTANT: {ans}")
+    from mllmcl.data.streams import STREAMS
+    from mllmcl.routing.router import router_prompt
+
+    for stream in STREAMS.values():  # the MR-LoRA router's prompt, with every expert description
+        texts += [router_prompt(stream.tasks, "Q") for _ in range(20)]
     texts += [MED_INSTRUCTION, YES_NO_INSTRUCTION, LETTER_INSTRUCTION,
               "USER: ASSISTANT: yes no A B C D (A) (B) (C) (D) 0 1 2 3 4 5 6 7 8 9 10"]
     return texts

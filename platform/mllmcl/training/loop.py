@@ -1,6 +1,10 @@
-"""The fine-tuning loop on one worker: batches of samples -> LoRA (or any trainable) update.
+"""The fine-tuning loop: batches of samples -> update of the trainable (LoRA) weights.
 
-Plain PyTorch so it runs the same in-process, inside a Ray Train worker, or in a test.
+Plain PyTorch so it runs the same in-process, inside a Ray Train worker (one rank of
+DDP), or in a test. With ``world > 1`` every rank walks the same global batch order and
+takes its slice of each global batch; the loss is the token-weighted mean over the
+*global* batch, so N workers compute the same update as one worker with the same
+effective batch (up to floating-point summation order).
 """
 
 from __future__ import annotations
@@ -13,24 +17,28 @@ import torch
 from tqdm.auto import tqdm
 
 from mllmcl.data.types import Sample
-from mllmcl.models.batching import Collator, PixelCache
+from mllmcl.models.batching import IGNORE_INDEX, Collator, PixelCache
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     epochs: float = 3.0
     max_steps: int | None = None
-    batch_size: int = 16
+    batch_size: int = 16  # the effective (global) batch
     lr: float = 2e-3
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
+    grad_accum: int = 1
 
     def num_steps(self, n_samples: int) -> int:
         per_epoch = math.ceil(n_samples / self.batch_size)
         steps = max(1, int(round(self.epochs * per_epoch)))
         return min(steps, self.max_steps) if self.max_steps else steps
+
+    def steps_per_epoch(self, n_samples: int) -> int:
+        return math.ceil(n_samples / self.batch_size)
 
 
 def cosine_with_warmup(optimizer, total: int, warmup_ratio: float):
@@ -57,33 +65,79 @@ def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int
     return out
 
 
-def fit(model, collator: Collator, pixels: PixelCache, samples: Sequence[Sample], settings: TrainSettings, *,
-        extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None, progress: bool = False,
-        desc: str = "train") -> list[float]:
-    """Train ``model``'s trainable parameters on ``samples``; return the loss per step."""
+def make_optimizer(model, settings: TrainSettings, total_steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
-    torch.manual_seed(settings.seed)
-    steps = settings.num_steps(len(samples))
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = cosine_with_warmup(opt, steps, settings.warmup_ratio)
+    return opt, cosine_with_warmup(opt, total_steps, settings.warmup_ratio)
+
+
+def _answer_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def train_steps(model, collator: Collator, pixels: PixelCache, samples: Sequence[Sample], settings: TrainSettings,
+                optimizer, scheduler, *, start_step: int = 0, rank: int = 0, world: int = 1,
+                all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+                autocast: Callable | None = None, on_step: Callable[[int, float], None] | None = None,
+                progress: bool = False, desc: str = "train") -> list[float]:
+    """Run steps ``start_step .. num_steps-1``; return the (global) loss of each step run."""
+    steps = settings.num_steps(len(samples))
+    order = batch_order(len(samples), settings.batch_size, steps, settings.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     losses = []
-    for idx in tqdm(batch_order(len(samples), settings.batch_size, steps, settings.seed), desc=desc,
-                    disable=not progress, leave=False):
-        chunk = [samples[i] for i in idx]
-        batch = collator.train_batch([s.question for s in chunk], [s.target for s in chunk],
-                                     pixels.get([s.image for s in chunk]))
-        loss = model(**batch).loss
+    for step in tqdm(range(start_step, steps), desc=desc, disable=not progress, leave=False,
+                     initial=start_step, total=steps):
+        mine = order[step][rank::world]
+        micro = [mine[i::settings.grad_accum] for i in range(settings.grad_accum)]
+        micro = [m for m in micro if m]
+        batches = [collator.train_batch([samples[i].question for i in m], [samples[i].target for i in m],
+                                        pixels.get([samples[i].image for i in m])) for m in micro]
+        local_tokens = torch.tensor(float(sum(_answer_tokens(b["labels"]) for b in batches)))
+        global_tokens = all_reduce(local_tokens.clone()) if all_reduce else local_tokens
+        step_loss = torch.zeros(())
+        for b in batches:
+            n = _answer_tokens(b["labels"])
+            ctx = autocast() if autocast else _null()
+            with ctx:
+                out = model(**b)
+            # sum of token losses / global token count; DDP averages gradients over ranks, so scale by world
+            loss = out.loss.float() * n / global_tokens.clamp(min=1.0) * world
+            loss.backward()
+            step_loss += loss.detach() / world
         if extra_loss is not None:
-            loss = loss + extra_loss(model)
-        loss.backward()
+            reg = extra_loss(model)
+            reg.backward()
+            step_loss += reg.detach() / world
         if settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach().item())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = float(all_reduce(step_loss.clone()) if all_reduce else step_loss)
+        losses.append(value)
+        if on_step is not None:
+            on_step(step, value)
     model.eval()
     return losses
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def fit(model, collator: Collator, pixels: PixelCache, samples: Sequence[Sample], settings: TrainSettings, *,
+        extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None, progress: bool = False,
+        desc: str = "train") -> list[float]:
+    """Train ``model``'s trainable parameters on ``samples`` in this process; return the loss per step."""
+    torch.manual_seed(settings.seed)
+    opt, sched = make_optimizer(model, settings, settings.num_steps(len(samples)))
+    return train_steps(model, collator, pixels, samples, settings, opt, sched, extra_loss=extra_loss,
+                       progress=progress, desc=desc)

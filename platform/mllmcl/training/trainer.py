@@ -1,0 +1,79 @@
+"""Driver side of one fine-tuning job: a Ray Train ``TorchTrainer`` over N workers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+from mllmcl.config import Config
+from mllmcl.training.request import TrainRequest
+
+log = logging.getLogger(__name__)
+
+INJECT_ENV = "MLLMCL_INJECT_WORKER_FAILURE"  # "<task>:<step>:<rank>" (tests only)
+
+
+@dataclass
+class TrainOutcome:
+    output_uri: str
+    steps: int
+    final_loss: float | None
+    seconds: float
+    restored_from_step: int | None
+
+
+def _storage(uri: str):
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig."""
+    from mllmcl import storage
+
+    if uri.startswith("s3://"):
+        fs, path = storage.filesystem_for(uri)
+        return path, fs
+    return os.path.abspath(uri), None
+
+
+def _inject_failure(request: TrainRequest) -> dict | None:
+    spec = os.environ.get(INJECT_ENV)
+    if not spec:
+        return None
+    task, step, rank = spec.split(":")
+    if task != request.task or request.kind == "router":
+        return None
+    marker = os.path.join(tempfile.gettempdir(), f"mllmcl-injected-{os.getpid()}-{task}-{step}-{rank}")
+    return {"step": int(step), "rank": int(rank), "marker": marker}
+
+
+def run_training(request: TrainRequest, cfg: Config, model_path: str, checkpoints_uri: str) -> TrainOutcome:
+    """Fine-tune on Ray Train; checkpoints go under ``checkpoints_uri``; resumes a half-done run."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mllmcl.training.worker import train_worker
+
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker or 1.0
+    threads = sc.threads_per_worker  # 0: the worker uses its node's cores / local workers
+    storage_path, fs = _storage(checkpoints_uri.rsplit("/", 1)[0])
+    name = checkpoints_uri.rstrip("/").rsplit("/", 1)[-1]
+    config = {"request": request.to_config(), "model_path": model_path, "dtype": cfg.model.dtype, "threads": threads,
+              "mixed_precision": cfg.train.mixed_precision, "checkpoint_every": sc.checkpoint_every,
+              "inject_failure": _inject_failure(request)}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=sc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    metrics = result.metrics or {}
+    return TrainOutcome(output_uri=request.output_uri, steps=int(metrics.get("steps", 0)),
+                        final_loss=metrics.get("loss"), seconds=time.time() - t0, restored_from_step=None)
