@@ -92,8 +92,15 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, runs_root, stream_ov
 
 
 def test_two_workers_match_one(ray_session, runs_root, stream_overrides):
-    one = run_stream(_cfg(runs_root, stream_overrides, TWO, "method.name=lora_ft"), "ddp-1")
-    two = run_stream(_cfg(runs_root, stream_overrides, TWO, "method.name=lora_ft", "scaling.num_workers=2"), "ddp-2")
+    """Same effective batch (4): one worker, or two workers with 2 samples each per step.
+
+    LoRA dropout is off: its random masks are drawn per rank, so with dropout the two
+    runs see different (equally valid) noise. Stated tolerance: adapter weights within
+    1e-4, identical accuracy matrix.
+    """
+    common = [TWO, "method.name=lora_ft", "lora.dropout=0"]
+    one = run_stream(_cfg(runs_root, stream_overrides, *common), "ddp-1")
+    two = run_stream(_cfg(runs_root, stream_overrides, *common, "scaling.num_workers=2"), "ddp-2")
     from peft.utils import load_peft_weights
 
     w1 = load_peft_weights(str(Path(one.run_dir) / "tasks" / "1_Med" / "expert"))

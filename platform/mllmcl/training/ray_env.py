@@ -8,6 +8,17 @@ import os
 log = logging.getLogger(__name__)
 
 
+FORWARDED = ("MLLMCL_CACHE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+def forwarded_env() -> dict[str, str]:
+    """Environment the driver passes to its Ray workers and actors (cache location, S3 access)."""
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.update({k: os.environ[k] for k in FORWARDED if os.environ.get(k)})
+    return env
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``), else start a local one.
 
@@ -21,12 +32,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     import mllmcl
 
     address = os.environ.get("RAY_ADDRESS")
-    env_vars = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for key in ("MLLMCL_CACHE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        if os.environ.get(key):
-            env_vars[key] = os.environ[key]
-    runtime_env = {"env_vars": env_vars}
+    runtime_env = {"env_vars": forwarded_env()}
     if address:
         runtime_env["py_modules"] = [os.path.dirname(mllmcl.__file__)]
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)

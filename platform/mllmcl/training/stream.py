@@ -28,7 +28,7 @@ from mllmcl.evaluation.report import render_report
 from mllmcl.methods import get_method
 from mllmcl.methods.base import Stage
 from mllmcl.models.adapters import adapter_exists
-from mllmcl.models.loading import TINY, resolve_checkpoint
+from mllmcl.models.loading import resolve_checkpoint
 from mllmcl.provenance import config_hash, provenance
 from mllmcl.storage.layout import RunLayout
 from mllmcl.storage.manifest import Manifest
@@ -192,7 +192,7 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None) -> Strea
     import ray
 
     from mllmcl.evaluation.worker import ModelWorker
-    from mllmcl.training.ray_env import init_ray
+    from mllmcl.training.ray_env import forwarded_env, init_ray
     from mllmcl.training.trainer import run_training
 
     t_start = time.time()
@@ -213,9 +213,9 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None) -> Strea
     storage.write_text(layout.config, yaml.safe_dump({"config": cfg.to_dict(), "provenance": prov}, sort_keys=False))
 
     init_ray()
-    worker = ray.remote(ModelWorker).options(num_cpus=sc.eval_cpus, num_gpus=sc.eval_gpus).remote(
-        model_path if cfg.model.path != TINY else model_path, cfg.model.dtype,
-        sc.threads_per_worker or 0)
+    worker = ray.remote(ModelWorker).options(num_cpus=sc.eval_cpus, num_gpus=sc.eval_gpus,
+                                             runtime_env={"env_vars": forwarded_env()}).remote(
+        model_path, cfg.model.dtype, sc.threads_per_worker or 0)
     ray.get(worker.ready.remote())
     cache = PredictionCache(layout, enabled=cfg.eval.cache_predictions)
     predictor = CachedPredictor(worker, cache, cfg.eval.batch_size)

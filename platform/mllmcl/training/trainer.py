@@ -51,6 +51,7 @@ def run_training(request: TrainRequest, cfg: Config, model_path: str, checkpoint
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from mllmcl.training.ray_env import forwarded_env
     from mllmcl.training.worker import train_worker
 
     sc = cfg.scaling
@@ -70,7 +71,8 @@ def run_training(request: TrainRequest, cfg: Config, model_path: str, checkpoint
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=sc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             worker_runtime_env={"env_vars": forwarded_env()}),
     )
     t0 = time.time()
     result = trainer.fit()
