@@ -160,4 +160,4 @@ def stream_overrides(small_tiny_path, synthetic_small):
     return [f"model.path={small_tiny_path}", f"data.root={synthetic_small}", "train.max_steps=4",
             "train.batch_size=4", "eval.max_new_tokens=4", "eval.batch_size=16", "method.router_epochs=2",
             "method.router_samples_per_task=4", "method.router_batch_size=4", "method.replay_per_task=3",
-            "run.progress=false", "scaling.threads_per_worker=1"]
+            "run.progress=false", "scaling.threads_per_worker=1", "lora.dropout=0"]

@@ -28,11 +28,13 @@ def test_make_synthetic_writes_both_streams(tmp_path):
 
 def _check_run(run_dir: Path, tasks):
     metrics = json.loads((run_dir / "metrics" / "metrics.json").read_text())
-    assert metrics["tasks"] == tasks
-    assert set(metrics["zero_shot"]) == set(tasks)
-    assert metrics["MFT"] == pytest.approx(sum(metrics["zero_shot"].values()) / len(tasks))
-    for t in tasks:
-        assert (run_dir / "eval" / "zero_shot" / f"{t}.parquet").exists()
+    assert metrics["tasks"] == tasks and metrics["method"] == "zero_shot"
+    rows = metrics["accuracy_matrix"]["rows"]
+    assert len(rows) == len(tasks)
+    assert metrics["MFT"] == pytest.approx(sum(rows[i][i] for i in range(len(tasks))) / len(tasks))
+    for k in range(len(tasks)):
+        for t in tasks[: k + 1]:
+            assert (run_dir / "eval" / f"stage_{k}" / f"{t}.parquet").exists()
     assert (run_dir / "report" / "report.html").read_text().startswith("<!doctype html>")
     assert (run_dir / "report" / "accuracy_matrix.png").read_bytes()[:4] == b"\x89PNG"
     cfg = (run_dir / "config.yaml").read_text()
@@ -40,12 +42,18 @@ def _check_run(run_dir: Path, tasks):
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
 
 
-def test_domain_stream_zero_shot_job(tmp_path, small_tiny_path, synthetic_small):
+def test_domain_stream_job(tmp_path, small_tiny_path, synthetic_small, ray_session):
+    # the job joins the test session's cluster, as under `ray job submit`
+    address = ray_session.get_runtime_context().gcs_address
     r = _run(["jobs/domain_stream.py", f"storage.root={tmp_path}", "run.id=zs", f"model.path={small_tiny_path}",
-              f"data.root={synthetic_small}", "eval.max_new_tokens=4", "run.progress=false"])
+              f"data.root={synthetic_small}", "data.tasks=[RS,Med]", "method.name=zero_shot",
+              "eval.max_new_tokens=4", "run.progress=false"], env_extra={"RAY_ADDRESS": address})
     assert r.returncode == 0, r.stderr
-    assert "zero-shot on dcl" in r.stdout and "mean" in r.stdout
-    _check_run(tmp_path / "runs" / "zs", ["RS", "Med", "AD", "Sci", "Fin"])
+    assert f"joined Ray cluster at {address}" in r.stderr
+    assert "DCL stream · zero_shot · run zs" in r.stdout and "MFT" in r.stdout and "after Med" in r.stdout
+    _check_run(tmp_path / "runs" / "zs", ["RS", "Med"])
+    r = _run(["jobs/compare.py", str(tmp_path / "runs" / "zs"), str(tmp_path / "runs" / "zs"), "--labels", "a,b"])
+    assert r.returncode == 0 and r.stdout.count("| a |") == 1 and "| method | RS | Med | MFT" in r.stdout
 
 
 def test_ability_stream_help_lists_methods():
@@ -67,16 +75,20 @@ def test_bad_data_fails_before_any_work(tmp_path, fixture_release):
               "run.id=x"])
     assert r.returncode == 2
     assert "AD: task folder for dcl/AD not found" in r.stderr
+    assert "Fin: task folder for dcl/Fin not found" in r.stderr  # every problem, not just the first
+    assert "local Ray" not in r.stderr  # failed before Ray started
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.s3
-def test_zero_shot_job_writes_to_s3(s3_bucket, small_tiny_path, synthetic_small, tmp_path):
+def test_job_writes_to_s3(s3_bucket, small_tiny_path, synthetic_small, tmp_path, ray_session):
     from mllmcl import storage
 
     r = _run(["jobs/ability_stream.py", f"storage.root={s3_bucket}", "run.id=zs3", f"model.path={small_tiny_path}",
-              f"data.root={synthetic_small}", "eval.max_new_tokens=4", "run.progress=false"])
+              f"data.root={synthetic_small}", "data.tasks=[OCR,Math]", "method.name=zero_shot",
+              "eval.max_new_tokens=4", "run.progress=false"],
+             env_extra={"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address})
     assert r.returncode == 0, r.stderr
     local = tmp_path / "copy"
     storage.download_dir(f"{s3_bucket}/runs/zs3", str(local))
-    _check_run(local, ["OCR", "Math", "VP", "APP"])
+    _check_run(local, ["OCR", "Math"])

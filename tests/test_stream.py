@@ -12,7 +12,6 @@ from mllmcl.methods import registered_methods
 from mllmcl.training.stream import run_stream
 
 TWO = "data.tasks=[RS,Med]"
-THREE = "data.tasks=[RS,Med,AD]"
 
 
 def _cfg(root, overrides, *extra):
@@ -25,14 +24,15 @@ def runs_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lora_ft_three(ray_session, runs_root, stream_overrides):
-    """An uninterrupted three-task lora_ft run: the reference for resume and failure tests."""
-    return run_stream(_cfg(runs_root, stream_overrides, THREE, "method.name=lora_ft"), "ref-lora-ft")
+def reference(ray_session, runs_root, stream_overrides):
+    """An uninterrupted lora_ft run: the reference for resume, failure, DDP and S3 runs."""
+    return run_stream(_cfg(runs_root, stream_overrides, TWO, "method.name=lora_ft"), "m-lora_ft")
 
 
 @pytest.mark.parametrize("method", registered_methods())
-def test_every_method_runs_a_stream(method, ray_session, runs_root, stream_overrides):
-    res = run_stream(_cfg(runs_root, stream_overrides, TWO, f"method.name={method}"), f"m-{method}")
+def test_every_method_runs_a_stream(method, ray_session, runs_root, stream_overrides, reference):
+    res = reference if method == "lora_ft" else run_stream(
+        _cfg(runs_root, stream_overrides, TWO, f"method.name={method}"), f"m-{method}")
     run = Path(res.run_dir)
     m = json.loads((run / "metrics" / "metrics.json").read_text())
     assert m["method"] == method and m["tasks"] == ["RS", "Med"]
@@ -61,13 +61,13 @@ def test_every_method_runs_a_stream(method, ray_session, runs_root, stream_overr
         assert rows[1][0] == rows[0][0] and m["BWT"] == 0.0
 
 
-def test_resume_trains_only_the_rest(ray_session, runs_root, stream_overrides, lora_ft_three):
-    cfg = _cfg(runs_root, stream_overrides, THREE, "method.name=lora_ft")
-    first = run_stream(cfg, "resume", stop_after=1)  # the driver stops after task 2 completes
-    assert first.trained_stages == [0, 1]
+def test_resume_trains_only_the_rest(ray_session, runs_root, stream_overrides, reference):
+    cfg = _cfg(runs_root, stream_overrides, TWO, "method.name=lora_ft")
+    first = run_stream(cfg, "resume", stop_after=0)  # the driver stops after task 1 completes
+    assert first.trained_stages == [0] and len(first.matrix.rows) == 1
     second = run_stream(cfg, "resume")
-    assert second.trained_stages == [2]
-    assert second.matrix.rows == lora_ft_three.matrix.rows
+    assert second.trained_stages == [1]  # task 1 is not retrained
+    assert second.matrix.rows == reference.matrix.rows
 
 
 def test_resume_refuses_a_different_config(ray_session, runs_root, stream_overrides):
@@ -79,28 +79,26 @@ def test_resume_refuses_a_different_config(ray_session, runs_root, stream_overri
         run_stream(_cfg(runs_root, stream_overrides, TWO, "method.name=zero_shot", "train.lr=0.1"), "zs-fixed")
 
 
-def test_killed_worker_resumes_from_checkpoint(ray_session, runs_root, stream_overrides, lora_ft_three,
-                                               monkeypatch):
+def test_killed_worker_resumes_from_checkpoint(ray_session, runs_root, stream_overrides, reference, monkeypatch):
     monkeypatch.setenv("MLLMCL_INJECT_WORKER_FAILURE", "Med:2:0")  # kill rank 0 after step 2 of task Med
-    cfg = _cfg(runs_root, stream_overrides, THREE, "method.name=lora_ft", "scaling.checkpoint_every=1")
+    cfg = _cfg(runs_root, stream_overrides, TWO, "method.name=lora_ft", "scaling.checkpoint_every=1")
     res = run_stream(cfg, "killed")
     markers = list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"mllmcl-injected-{os.getpid()}-Med-*"))
     assert markers, "the failure was not injected"
     for m in markers:
         m.unlink()
-    assert res.matrix.rows == lora_ft_three.matrix.rows  # same result as without the failure
+    assert res.matrix.rows == reference.matrix.rows  # same result as without the failure
 
 
-def test_two_workers_match_one(ray_session, runs_root, stream_overrides):
+def test_two_workers_match_one(ray_session, runs_root, stream_overrides, reference):
     """Same effective batch (4): one worker, or two workers with 2 samples each per step.
 
-    LoRA dropout is off: its random masks are drawn per rank, so with dropout the two
-    runs see different (equally valid) noise. Stated tolerance: adapter weights within
-    1e-4, identical accuracy matrix.
+    LoRA dropout is off in these runs (stream_overrides): its random masks are drawn per
+    rank, so with dropout the two runs see different (equally valid) noise. Stated
+    tolerance: adapter weights within 1e-4, identical accuracy matrix.
     """
-    common = [TWO, "method.name=lora_ft", "lora.dropout=0"]
-    one = run_stream(_cfg(runs_root, stream_overrides, *common), "ddp-1")
-    two = run_stream(_cfg(runs_root, stream_overrides, *common, "scaling.num_workers=2"), "ddp-2")
+    one = reference
+    two = run_stream(_cfg(runs_root, stream_overrides, TWO, "method.name=lora_ft", "scaling.num_workers=2"), "ddp-2")
     from peft.utils import load_peft_weights
 
     w1 = load_peft_weights(str(Path(one.run_dir) / "tasks" / "1_Med" / "expert"))
@@ -113,17 +111,18 @@ def test_two_workers_match_one(ray_session, runs_root, stream_overrides):
 
 
 @pytest.mark.s3
-def test_s3_run_writes_and_resumes_like_local(ray_session, s3_bucket, stream_overrides, lora_ft_three):
+def test_s3_run_writes_and_resumes_like_local(ray_session, s3_bucket, stream_overrides, reference):
     from mllmcl import storage
 
-    cfg = load_config(None, [*stream_overrides, THREE, "method.name=lora_ft", f"storage.root={s3_bucket}"])
+    cfg = load_config(None, [*stream_overrides, TWO, "method.name=lora_ft", f"storage.root={s3_bucket}"])
     first = run_stream(cfg, "s3run", stop_after=0)
     assert first.trained_stages == [0]
     second = run_stream(cfg, "s3run")
-    assert second.trained_stages == [1, 2]
-    assert second.matrix.rows == lora_ft_three.matrix.rows
+    assert second.trained_stages == [1]
+    assert second.matrix.rows == reference.matrix.rows
     run = f"{s3_bucket}/runs/s3run"
     assert storage.read_json(f"{run}/manifest.json")["status"] == "complete"
-    assert storage.exists(f"{run}/tasks/2_AD/expert/adapter_config.json")
-    assert storage.exists(f"{run}/eval/stage_2/AD.parquet")
+    assert storage.exists(f"{run}/tasks/1_Med/expert/adapter_config.json")
+    assert storage.exists(f"{run}/tasks/1_Med/checkpoints_lora")
+    assert storage.exists(f"{run}/eval/stage_1/Med.parquet")
     assert "MFN" in storage.read_json(f"{run}/metrics/metrics.json")

@@ -3,6 +3,7 @@ any adapter of the run (loaded on demand, LRU), one group of rows per adapter.""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections import OrderedDict
@@ -79,11 +80,11 @@ class ModelWorker:
         for adapter, idx in groups.items():
             if adapter is BASE:
                 model = self.backbone.model
-                ctx = self.peft.disable_adapter() if self.peft is not None else _null()
+                ctx = self.peft.disable_adapter() if self.peft is not None else contextlib.nullcontext()
             else:
                 name = self._adapter_name(adapter)
                 self.peft.set_adapter(name)
-                model, ctx = self.peft, _null()
+                model, ctx = self.peft, contextlib.nullcontext()
             with ctx:
                 for start in range(0, len(idx), batch_size):
                     chunk = idx[start:start + batch_size]
@@ -96,10 +97,3 @@ class ModelWorker:
                         out[i] = t.strip()
         return out  # type: ignore[return-value]
 
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -9,6 +9,7 @@ effective batch (up to floating-point summation order).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -101,7 +102,7 @@ def train_steps(model, collator: Collator, pixels: PixelCache, samples: Sequence
         step_loss = torch.zeros(())
         for b in batches:
             n = _answer_tokens(b["labels"])
-            ctx = autocast() if autocast else _null()
+            ctx = autocast() if autocast else contextlib.nullcontext()
             with ctx:
                 out = model(**b)
             # sum of token losses / global token count; DDP averages gradients over ranks, so scale by world
@@ -124,13 +125,6 @@ def train_steps(model, collator: Collator, pixels: PixelCache, samples: Sequence
     model.eval()
     return losses
 
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def fit(model, collator: Collator, pixels: PixelCache, samples: Sequence[Sample], settings: TrainSettings, *,
