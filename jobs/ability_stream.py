@@ -5,8 +5,9 @@ Laptop (synthetic stream, tiny VLM, local folder ./artifacts):
 Real data and checkpoint:
     python jobs/ability_stream.py data.root=/data/MLLM-CL model.path=/models/llava-1.5-7b-hf
 
-Today this job runs the zero-shot evaluation of the base model on every task; the
-continual methods (MR-LoRA and baselines on Ray Train) arrive with the stream runner.
+Default method: MR-LoRA; any registered method by name (``--help`` lists them):
+    python jobs/ability_stream.py method.name=moelora run.id=acl-moe
+On a running Ray cluster: ``ray job submit --working-dir . -- python jobs/ability_stream.py`` (README).
 """
 
 import sys

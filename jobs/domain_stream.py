@@ -7,8 +7,9 @@ Real data and checkpoint:
     python jobs/domain_stream.py data.root=/data/MLLM-CL model.path=/models/llava-1.5-7b-hf
     python jobs/domain_stream.py data.root=s3://bucket/MLLM-CL storage.root=s3://bucket/mllmcl
 
-Today this job runs the zero-shot evaluation of the base model on every task; the
-continual methods (MR-LoRA and baselines on Ray Train) arrive with the stream runner.
+Default method: MR-LoRA; any registered method by name (``--help`` lists them):
+    python jobs/domain_stream.py method.name=olora run.id=dcl-olora
+On a running Ray cluster: ``ray job submit --working-dir . -- python jobs/domain_stream.py`` (README).
 """
 
 import sys

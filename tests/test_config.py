@@ -82,3 +82,19 @@ def test_round_trip_through_yaml(tmp_path):
     p = tmp_path / "out.yaml"
     p.write_text(cfg.to_yaml())
     assert load_config(p) == cfg
+
+
+def test_method_options_of_the_newer_baselines_are_checked():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["method.name=moelora", "method.moe_experts=3", "method.moe_gate=hash",
+                           "method.olora_lambda1=-1", "method.prototype_samples_per_task=0",
+                           "scaling.backend=local", "scaling.num_workers=2"])
+    msg = str(e.value)
+    for needle in ("lora.rank=16 must be a multiple of method.moe_experts=3", "method.moe_gate='hash'",
+                   "method.olora_lambda1=-1", "method.prototype_samples_per_task=0",
+                   "the local backend runs one worker"):
+        assert needle in msg, needle
+    with pytest.raises(ConfigError, match="moe_top_k=5"):
+        load_config(None, ["method.moe_gate=topk", "method.moe_top_k=5"])
+    with pytest.raises(ConfigError, match="scaling.backend='spark'"):
+        load_config(None, ["scaling.backend=spark"])

@@ -49,13 +49,22 @@ def test_every_method_runs_a_stream(method, ray_session, runs_root, stream_overr
         assert key in prov
     if method != "zero_shot":
         meta = json.loads((run / "tasks" / "1_Med" / "expert" / "meta.json").read_text())
-        assert (run / "tasks" / "1_Med" / "expert" / "adapter_config.json").exists()
+        fmt = "moelora_config.json" if method == "moelora" else "adapter_config.json"
+        assert (run / "tasks" / "1_Med" / "expert" / fmt).exists()
         assert meta["task"] == "Med" and meta["steps"] == 4
-    if method == "mr_lora":
+    if method in ("mr_lora", "disco_select"):
         assert 0.0 <= m["router_accuracy"] <= 100.0 and len(m["router_accuracy_per_stage"]) == 2
-        assert (run / "tasks" / "1_Med" / "router" / "adapter_config.json").exists()
         assert m["oracle_final"] is not None
         assert m["eval_cache_hits"] > 0  # RS expert's answers from stage 0 reused at stage 1
+    if method == "mr_lora":
+        assert (run / "tasks" / "1_Med" / "router" / "adapter_config.json").exists()
+    if method == "disco_select":
+        proto = json.loads((run / "tasks" / "1_Med" / "prototype.json").read_text())
+        assert proto["task"] == "Med" and len(proto["embedding"]) > 0
+    if method == "olora":  # the stage-1 adapter holds both tasks' LoRAs (ranks concatenated)
+        cfg1 = json.loads((run / "tasks" / "1_Med" / "expert" / "adapter_config.json").read_text())
+        cfg0 = json.loads((run / "tasks" / "0_RS" / "expert" / "adapter_config.json").read_text())
+        assert cfg1["r"] == 2 * cfg0["r"]
     if method == "zero_shot":
         rows = m["accuracy_matrix"]["rows"]
         assert rows[1][0] == rows[0][0] and m["BWT"] == 0.0

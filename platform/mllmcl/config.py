@@ -166,6 +166,19 @@ class MethodConfig:
     router_fallback: str = "random"  # random | last | first: expert used when the router's answer does not parse
     # joint: "cumulative" trains one LoRA on tasks 1..k at every stage; "final" only once on all tasks
     joint_mode: str = "cumulative"
+    # olora: a new LoRA of rank lora.rank per task; loss + olora_lambda1 * sum ||A_old A_new^T||_F^2
+    # + olora_lambda2 * sum ||theta_new||_2; inference sums every task's LoRA
+    olora_lambda1: float = 0.5
+    olora_lambda2: float = 0.0
+    # moelora: moe_experts low-rank experts (rank lora.rank / moe_experts each) per layer and a
+    # per-token gate: softmax over all experts, or topk (softmax over the moe_top_k best)
+    moe_experts: int = 4
+    moe_gate: str = "softmax"
+    moe_top_k: int = 2
+    # disco_select: one LoRA per task chosen by the cosine similarity of the question's text
+    # embedding (the base model's mean-pooled hidden state) to each task's prototype, the mean
+    # embedding of prototype_samples_per_task train questions
+    prototype_samples_per_task: int = 100
 
     def check(self) -> list[str]:
         p = []
@@ -190,6 +203,17 @@ class MethodConfig:
             p.append(f"method.router_fallback={self.router_fallback!r}: expected random, last or first")
         if self.joint_mode not in ("cumulative", "final"):
             p.append(f"method.joint_mode={self.joint_mode!r}: expected cumulative or final")
+        if self.olora_lambda1 < 0 or self.olora_lambda2 < 0:
+            p.append(f"method.olora_lambda1={self.olora_lambda1}, method.olora_lambda2={self.olora_lambda2}: "
+                     f"must be >= 0")
+        if self.moe_experts < 1:
+            p.append(f"method.moe_experts={self.moe_experts}: must be >= 1")
+        if self.moe_gate not in ("softmax", "topk"):
+            p.append(f"method.moe_gate={self.moe_gate!r}: expected softmax or topk")
+        elif self.moe_gate == "topk" and not 1 <= self.moe_top_k <= max(1, self.moe_experts):
+            p.append(f"method.moe_top_k={self.moe_top_k}: must be in [1, method.moe_experts={self.moe_experts}]")
+        if self.prototype_samples_per_task < 1:
+            p.append(f"method.prototype_samples_per_task={self.prototype_samples_per_task}: must be >= 1")
         return p
 
 
@@ -197,6 +221,7 @@ class MethodConfig:
 class ScalingConfig:
     """Ray Train workers for each task's fine-tuning, and the evaluation actor's resources."""
 
+    backend: str = "ray"  # ray: Ray Train + an evaluation actor; local: everything in this process (debugging)
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -209,8 +234,12 @@ class ScalingConfig:
 
     def check(self) -> list[str]:
         p = []
+        if self.backend not in ("ray", "local"):
+            p.append(f"scaling.backend={self.backend!r}: expected ray or local")
         if self.num_workers < 1:
             p.append(f"scaling.num_workers={self.num_workers}: must be >= 1")
+        elif self.backend == "local" and self.num_workers != 1:
+            p.append(f"scaling.num_workers={self.num_workers}: the local backend runs one worker (use backend=ray)")
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0 or self.eval_cpus < 0 or self.eval_gpus < 0:
             p.append("scaling: resources must be >= 0")
         if self.max_failures < 0:
@@ -260,6 +289,9 @@ class Config:
         out: list[str] = []
         for f in fields(self):
             out += getattr(self, f.name).check()
+        if self.method.name == "moelora" and self.method.moe_experts >= 1 and self.lora.rank % self.method.moe_experts:
+            out.append(f"lora.rank={self.lora.rank} must be a multiple of method.moe_experts={self.method.moe_experts} "
+                       f"(each MoELoRA expert has rank lora.rank / moe_experts)")
         return out
 
     def to_dict(self) -> dict:

@@ -97,6 +97,14 @@ class AccuracyMatrix:
             raise ValueError(f"matrix has {len(self.rows)} of {len(self.tasks)} rows; metrics need every stage")
         return summary(self.rows)
 
+    def metrics_so_far(self) -> dict[str, float]:
+        """The metrics of the stream up to the last completed stage (the leading square sub-matrix):
+        what a sweep compares trials on after each task."""
+        n = len(self.rows)
+        if n == 0:
+            raise ValueError("no completed stage yet")
+        return summary([row[:n] for row in self.rows])
+
     def to_dict(self) -> dict:
         return {"tasks": list(self.tasks), "rows": self.rows, "zero_shot": self.zero_shot,
                 "convention": "rows[t][j] = score (percent) on task j after training stage t; null = not seen"}

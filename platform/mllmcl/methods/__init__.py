@@ -33,4 +33,13 @@ def get_method(name: str):
 
 
 def _load_builtin() -> None:
-    from mllmcl.methods import joint, lora_ft, mr_lora, replay, zero_shot  # noqa: F401
+    from mllmcl.methods import (  # noqa: F401
+        disco_select,
+        joint,
+        lora_ft,
+        moelora,
+        mr_lora,
+        olora,
+        replay,
+        zero_shot,
+    )

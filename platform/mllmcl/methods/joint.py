@@ -6,14 +6,11 @@ tasks, at the last stage, and earlier stages are answered by the base model.
 """
 
 from mllmcl.methods import register
-from mllmcl.methods.base import Answers, Stage, answer_with, request
+from mllmcl.methods.base import CLMethod, Answers, Stage, answer_with, request
 
 
 @register("joint")
-class Joint:
-    def __init__(self, cfg, stream):
-        self.cfg = cfg
-
+class Joint(CLMethod):
     def _trains(self, stage: Stage) -> bool:
         return self.cfg.method.joint_mode == "cumulative" or stage.k == len(stage.stream.tasks) - 1
 
@@ -26,9 +23,3 @@ class Joint:
 
     def answer(self, stage: Stage, predictor) -> Answers:
         return answer_with(stage, predictor, stage.expert_uri() if self._trains(stage) else None)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

@@ -1,14 +1,11 @@
 """lora_ft: one LoRA fine-tuned task after task (each stage starts from the previous one)."""
 
 from mllmcl.methods import register
-from mllmcl.methods.base import Answers, Stage, answer_with, request
+from mllmcl.methods.base import CLMethod, Answers, Stage, answer_with, request
 
 
 @register("lora_ft")
-class LoraFT:
-    def __init__(self, cfg, stream):
-        self.cfg = cfg
-
+class LoraFT(CLMethod):
     def training_samples(self, stage: Stage):
         return list(stage.task.train)
 
@@ -18,9 +15,3 @@ class LoraFT:
 
     def answer(self, stage: Stage, predictor) -> Answers:
         return answer_with(stage, predictor, stage.expert_uri())
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

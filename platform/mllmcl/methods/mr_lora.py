@@ -16,7 +16,7 @@ import numpy as np
 
 from mllmcl.data.prompts import eval_prompt
 from mllmcl.methods import register
-from mllmcl.methods.base import Answers, Stage, max_tokens, request
+from mllmcl.methods.base import Answers, CLMethod, Stage, request, routed_answer
 from mllmcl.models.lora import LoraSettings
 from mllmcl.routing.router import parse_letter, router_prompt, router_training_samples
 from mllmcl.training.loop import TrainSettings
@@ -25,9 +25,8 @@ ROUTER_MAX_NEW_TOKENS = 4
 
 
 @register("mr_lora")
-class MRLoRA:
-    def __init__(self, cfg, stream):
-        self.cfg = cfg
+class MRLoRA(CLMethod):
+    routed = True
 
     def router_settings(self, stage: Stage) -> tuple[LoraSettings, TrainSettings]:
         m, lora = self.cfg.method, self.cfg.lora
@@ -68,26 +67,10 @@ class MRLoRA:
         return choices, raw, n_fallback
 
     def answer(self, stage: Stage, predictor) -> Answers:
-        experts = [stage.expert_uri(i) for i in range(stage.k + 1)]
-        preds, used, oracle = {}, {}, {}
-        routed_right, total, fallbacks, per_task = 0, 0, 0, {}
-        for j, task in enumerate(stage.seen):
-            choices, _, n_fb = self.route(stage, predictor, j)
-            adapters = [experts[c] for c in choices]
-            preds[task.name] = predictor.generate(task.test, adapters, max_tokens(stage, task))
-            used[task.name] = adapters
-            oracle[task.name] = predictor.generate(task.test, [experts[j]] * len(task.test), max_tokens(stage, task))
-            right = sum(c == j for c in choices)
-            per_task[task.name] = 100.0 * right / max(1, len(choices))
-            routed_right += right
-            total += len(choices)
-            fallbacks += n_fb
-        info = {"router_accuracy": 100.0 * routed_right / max(1, total), "router_accuracy_per_task": per_task,
-                "router_fallbacks": fallbacks, "router_fallback_rule": self.cfg.method.router_fallback}
-        return Answers(preds, used, info, oracle=oracle)
+        def choose(j: int):
+            choices, _, n_fallback = self.route(stage, predictor, j)
+            return choices, n_fallback
 
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+        answers = routed_answer(stage, predictor, choose)
+        answers.info["router_fallback_rule"] = self.cfg.method.router_fallback
+        return answers

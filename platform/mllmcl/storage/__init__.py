@@ -6,6 +6,8 @@ S3 endpoint and credentials come from the standard AWS variables
 """
 
 from mllmcl.storage.fs import (
+    delete,
+    delete_dir,
     exists,
     filesystem_for,
     is_remote,
@@ -22,6 +24,8 @@ from mllmcl.storage.fs import (
 )
 
 __all__ = [
+    "delete",
+    "delete_dir",
     "exists",
     "filesystem_for",
     "is_remote",

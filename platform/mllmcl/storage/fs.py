@@ -132,6 +132,32 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
+def delete(uri: str) -> None:
+    """Remove one file if it exists (no error when it does not)."""
+    if str(uri).startswith("s3://"):
+        bucket, key = _split_s3(str(uri))
+        _s3_client(*_s3_settings()).delete_object(Bucket=bucket, Key=key)
+        return
+    fs, path = filesystem_for(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def delete_dir(uri: str) -> None:
+    """Remove a folder tree (every object under the prefix on S3); no error when it is absent."""
+    if str(uri).startswith("s3://"):
+        bucket, prefix = _split_s3(str(uri).rstrip("/"))
+        client = _s3_client(*_s3_settings())
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+        return
+    fs, path = filesystem_for(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 

@@ -81,7 +81,7 @@ def _answer_tokens(labels: torch.Tensor) -> int:
 def train_steps(model, collator: Collator, pixels: PixelCache, samples: Sequence[Sample], settings: TrainSettings,
                 optimizer, scheduler, *, start_step: int = 0, rank: int = 0, world: int = 1,
                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+                extra_loss: Callable[[torch.nn.Module], torch.Tensor | None] | None = None,
                 autocast: Callable | None = None, on_step: Callable[[int, float], None] | None = None,
                 progress: bool = False, desc: str = "train") -> list[float]:
     """Run steps ``start_step .. num_steps-1``; return the (global) loss of each step run."""
@@ -100,19 +100,21 @@ def train_steps(model, collator: Collator, pixels: PixelCache, samples: Sequence
         local_tokens = torch.tensor(float(sum(_answer_tokens(b["labels"]) for b in batches)))
         global_tokens = all_reduce(local_tokens.clone()) if all_reduce else local_tokens
         step_loss = torch.zeros(())
-        for b in batches:
+        for j, b in enumerate(batches):
             n = _answer_tokens(b["labels"])
             ctx = autocast() if autocast else contextlib.nullcontext()
             with ctx:
                 out = model(**b)
             # sum of token losses / global token count; DDP averages gradients over ranks, so scale by world
             loss = out.loss.float() * n / global_tokens.clamp(min=1.0) * world
+            if extra_loss is not None and j == len(batches) - 1:
+                # a regulariser of the trainable weights, the same on every rank: DDP's average keeps it
+                # as is; added to the last micro-batch's loss so that DDP sees one backward per forward
+                reg = extra_loss(model)
+                if reg is not None:
+                    loss = loss + reg
             loss.backward()
             step_loss += loss.detach() / world
-        if extra_loss is not None:
-            reg = extra_loss(model)
-            reg.backward()
-            step_loss += reg.detach() / world
         if settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         optimizer.step()

@@ -35,12 +35,14 @@ class TrainRequest:
     train: TrainSettings
     init_adapter: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    recipe: str = "lora"  # how the worker builds, regularises and saves the adapter (training.recipes)
+    recipe_args: dict[str, Any] = field(default_factory=dict)
 
     def to_config(self) -> dict:
         return {"stage": self.stage, "task": self.task, "kind": self.kind,
                 "samples": [sample_to_dict(s) for s in self.samples], "output_uri": self.output_uri,
                 "lora": asdict(self.lora), "train": asdict(self.train), "init_adapter": self.init_adapter,
-                "meta": self.meta}
+                "meta": self.meta, "recipe": self.recipe, "recipe_args": self.recipe_args}
 
     @classmethod
     def from_config(cls, d: dict) -> "TrainRequest":
@@ -49,4 +51,4 @@ class TrainRequest:
         return cls(stage=d["stage"], task=d["task"], kind=d["kind"],
                    samples=[sample_from_dict(s) for s in d["samples"]], output_uri=d["output_uri"],
                    lora=LoraSettings(**lora), train=TrainSettings(**d["train"]), init_adapter=d["init_adapter"],
-                   meta=d["meta"])
+                   meta=d["meta"], recipe=d.get("recipe", "lora"), recipe_args=d.get("recipe_args") or {})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import yaml
 
@@ -117,16 +117,22 @@ class PredictionCache:
 class CachedPredictor:
     """The methods' view of the model worker: generation with per-row adapters, cached."""
 
-    worker: object  # Ray actor handle of ModelWorker
+    worker: object  # ModelWorker: a Ray actor handle, or the object itself (scaling.backend=local)
     cache: PredictionCache
     batch_size: int
     generated: int = 0
     seconds: float = 0.0
 
+    def _call(self, name: str, *args):
+        fn = getattr(self.worker, name)
+        if hasattr(fn, "remote"):
+            import ray
+
+            return ray.get(fn.remote(*args))
+        return fn(*args)
+
     def generate(self, samples: Sequence[Sample], adapters: Sequence[str | None], max_new_tokens: int,
                  questions: Sequence[str] | None = None) -> list[str]:
-        import ray
-
         out: list[str | None] = [None] * len(samples)
         todo = []
         for i, (s, a) in enumerate(zip(samples, adapters)):
@@ -138,9 +144,9 @@ class CachedPredictor:
                 todo.append(i)
         if todo:
             t0 = time.time()
-            res = ray.get(self.worker.generate.remote(
-                [sample_to_dict(samples[i]) for i in todo], [adapters[i] for i in todo], max_new_tokens,
-                self.batch_size, [questions[i] for i in todo] if questions is not None else None))
+            res = self._call("generate", [sample_to_dict(samples[i]) for i in todo], [adapters[i] for i in todo],
+                             max_new_tokens, self.batch_size,
+                             [questions[i] for i in todo] if questions is not None else None)
             self.seconds += time.time() - t0
             self.generated += len(todo)
             for i, p in zip(todo, res):
@@ -149,6 +155,10 @@ class CachedPredictor:
                     self.cache.put(adapters[i], samples[i].uid, max_new_tokens, p)
                     self.cache.misses += 1
         return out  # type: ignore[return-value]
+
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        return self._call("embed", list(texts), self.batch_size)
 
 
 @dataclass
@@ -187,8 +197,15 @@ def _check_resume(manifest: Manifest, cfg: Config, layout: RunLayout) -> None:
                        f"settings"] + diff)
 
 
-def run_stream(cfg: Config, run_id: str, stop_after: int | None = None) -> StreamResult:
-    """Run (or resume) the stream; ``stop_after=k`` returns after stage k completes (tests)."""
+def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
+               on_stage: Callable[[int, AccuracyMatrix, dict], None] | None = None) -> StreamResult:
+    """Run (or resume) the stream; ``stop_after=k`` returns after stage k completes (tests).
+
+    ``on_stage(k, matrix, info)`` is called after every stage, completed now or earlier
+    (a resumed run replays the stages it loads), with the matrix up to row k and the
+    method's stage info (router accuracy, ...): a sweep reports from it.
+    """
+
     import ray
 
     from mllmcl.evaluation.worker import ModelWorker
@@ -212,11 +229,14 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None) -> Strea
                       model_path=model_path)
     storage.write_text(layout.config, yaml.safe_dump({"config": cfg.to_dict(), "provenance": prov}, sort_keys=False))
 
-    init_ray()
-    worker = ray.remote(ModelWorker).options(num_cpus=sc.eval_cpus, num_gpus=sc.eval_gpus,
-                                             runtime_env={"env_vars": forwarded_env()}).remote(
-        model_path, cfg.model.dtype, sc.threads_per_worker or 0)
-    ray.get(worker.ready.remote())
+    if sc.backend == "local":
+        worker = ModelWorker(model_path, cfg.model.dtype, sc.threads_per_worker or 0)
+    else:
+        init_ray()
+        worker = ray.remote(ModelWorker).options(num_cpus=sc.eval_cpus, num_gpus=sc.eval_gpus,
+                                                 runtime_env={"env_vars": forwarded_env()}).remote(
+            model_path, cfg.model.dtype, sc.threads_per_worker or 0)
+        ray.get(worker.ready.remote())
     cache = PredictionCache(layout, enabled=cfg.eval.cache_predictions)
     predictor = CachedPredictor(worker, cache, cfg.eval.batch_size)
 
@@ -232,6 +252,8 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None) -> Strea
             oracle_rows.append(done.get("oracle") or {})
             stage_info.append(done.get("info") or {})
             method.load_state_dict(done.get("method_state") or {})
+            if on_stage is not None:
+                on_stage(k, matrix, stage_info[-1])
             continue
         t0 = time.time()
         log.info("stage %d/%d: %s (%s)", k + 1, len(stream), task.name, cfg.method.name)
@@ -246,6 +268,7 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None) -> Strea
             train_log.append({"kind": req.kind, "steps": out.steps, "loss": out.final_loss,
                               "seconds": round(out.seconds, 1), "samples": len(req.samples)})
             trained.append(k)
+        method.finish(stage, predictor)
         t_eval = time.time()
         answers = method.answer(stage, predictor)
         scores, oracle = {}, {}
@@ -266,6 +289,8 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None) -> Strea
         manifest.save(layout)  # last: the stage is complete once this is written
         log.info("stage %d %s done in %.0fs: %s", k + 1, task.name, time.time() - t0,
                  ", ".join(f"{n} {v:.1f}" for n, v in scores.items()))
+        if on_stage is not None:
+            on_stage(k, matrix, answers.info)
         if stop_after is not None and k >= stop_after:
             return StreamResult(run_id, layout.run_dir, matrix, {}, trained, time.time() - t_start)
 

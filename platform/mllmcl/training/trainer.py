@@ -1,4 +1,5 @@
-"""Driver side of one fine-tuning job: a Ray Train ``TorchTrainer`` over N workers."""
+"""Driver side of one fine-tuning job: a Ray Train ``TorchTrainer`` over N workers
+(``scaling.backend=ray``), or the same per-worker loop in this process (``local``)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ class TrainOutcome:
     steps: int
     final_loss: float | None
     seconds: float
-    restored_from_step: int | None
 
 
 def _storage(uri: str):
@@ -46,8 +46,37 @@ def _inject_failure(request: TrainRequest) -> dict | None:
     return {"step": int(step), "rank": int(rank), "marker": marker}
 
 
+def _loop_config(request: TrainRequest, cfg: Config, model_path: str) -> dict:
+    sc = cfg.scaling
+    return {"request": request.to_config(), "model_path": model_path, "dtype": cfg.model.dtype,
+            "threads": sc.threads_per_worker,  # 0: the worker uses its node's cores / local workers
+            "mixed_precision": cfg.train.mixed_precision, "checkpoint_every": sc.checkpoint_every,
+            "inject_failure": _inject_failure(request)}
+
+
 def run_training(request: TrainRequest, cfg: Config, model_path: str, checkpoints_uri: str) -> TrainOutcome:
-    """Fine-tune on Ray Train; checkpoints go under ``checkpoints_uri``; resumes a half-done run."""
+    """Fine-tune one adapter; checkpoints go under ``checkpoints_uri``; resumes a half-done fit."""
+    if cfg.scaling.backend == "local":
+        return run_local_training(request, cfg, model_path, checkpoints_uri)
+    return run_ray_training(request, cfg, model_path, checkpoints_uri)
+
+
+def run_local_training(request: TrainRequest, cfg: Config, model_path: str, checkpoints_uri: str) -> TrainOutcome:
+    from mllmcl.training.worker import LocalSession, train_adapter
+
+    session = LocalSession(checkpoints_uri)
+    config = _loop_config(request, cfg, model_path)
+    if config["inject_failure"]:
+        config["inject_failure"]["raise"] = True  # in the driver's process: raise, do not exit
+    t0 = time.time()
+    train_adapter(config, session)
+    metrics = session.last_metrics
+    return TrainOutcome(output_uri=request.output_uri, steps=int(metrics.get("steps", 0)),
+                        final_loss=metrics.get("loss"), seconds=time.time() - t0)
+
+
+def run_ray_training(request: TrainRequest, cfg: Config, model_path: str, checkpoints_uri: str) -> TrainOutcome:
+    """A Ray Train ``TorchTrainer``; a failed worker group restarts from the last checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -58,15 +87,11 @@ def run_training(request: TrainRequest, cfg: Config, model_path: str, checkpoint
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker or 1.0
-    threads = sc.threads_per_worker  # 0: the worker uses its node's cores / local workers
     storage_path, fs = _storage(checkpoints_uri.rsplit("/", 1)[0])
     name = checkpoints_uri.rstrip("/").rsplit("/", 1)[-1]
-    config = {"request": request.to_config(), "model_path": model_path, "dtype": cfg.model.dtype, "threads": threads,
-              "mixed_precision": cfg.train.mixed_precision, "checkpoint_every": sc.checkpoint_every,
-              "inject_failure": _inject_failure(request)}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=config,
+        train_loop_config=_loop_config(request, cfg, model_path),
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
@@ -78,4 +103,4 @@ def run_training(request: TrainRequest, cfg: Config, model_path: str, checkpoint
     result = trainer.fit()
     metrics = result.metrics or {}
     return TrainOutcome(output_uri=request.output_uri, steps=int(metrics.get("steps", 0)),
-                        final_loss=metrics.get("loss"), seconds=time.time() - t0, restored_from_step=None)
+                        final_loss=metrics.get("loss"), seconds=time.time() - t0)

@@ -1,4 +1,5 @@
-"""The Ray Train per-worker loop: one rank of DDP fine-tuning one adapter.
+"""The per-worker fine-tuning loop: one rank of DDP fine-tuning one adapter, under Ray
+Train (:class:`RayTrainSession`) or in the driver's process (:class:`LocalSession`).
 
 Checkpoints (adapter weights, optimizer, scheduler, step, RNG) are reported every
 ``checkpoint_every`` steps (default: once per epoch); a restarted worker group resumes
@@ -8,12 +9,12 @@ from the last one. Rank 0 writes the finished adapter to the run's storage.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -23,36 +24,22 @@ STATE_FILE = "trainer_state.pt"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 
 
-def build_trainable(backbone_model, request):
-    """Attach a fresh LoRA, or load ``init_adapter``'s weights as the trainable adapter."""
-    from peft import PeftModel
-
-    from mllmcl.models.adapters import fetch_adapter
-    from mllmcl.models.lora import attach_lora
-
-    if request.init_adapter:
-        local = fetch_adapter(request.init_adapter)
-        return PeftModel.from_pretrained(backbone_model, local, is_trainable=True)
-    return attach_lora(backbone_model, request.lora)
-
-
 def _save_state(model, optimizer, scheduler, step: int, folder: str) -> None:
-    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    core = model.module if hasattr(model, "module") else model
-    weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(core).items()}
-    save_file(weights, os.path.join(folder, ADAPTER_WEIGHTS))
+    from mllmcl.training.recipes import trainable_state
+
+    save_file(trainable_state(model), os.path.join(folder, ADAPTER_WEIGHTS))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                 "rng": torch.get_rng_state()}, os.path.join(folder, STATE_FILE))
 
 
 def _load_state(model, optimizer, scheduler, folder: str) -> int:
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    core = model.module if hasattr(model, "module") else model
-    set_peft_model_state_dict(core, load_file(os.path.join(folder, ADAPTER_WEIGHTS)))
+    from mllmcl.training.recipes import load_trainable_state
+
+    load_trainable_state(model, load_file(os.path.join(folder, ADAPTER_WEIGHTS)))
     state = torch.load(os.path.join(folder, STATE_FILE), weights_only=True)  # tensors and ints only
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -69,36 +56,123 @@ def _maybe_inject_failure(config: dict, step: int, rank: int) -> None:
     if marker.exists():
         return
     marker.write_text(f"killed rank {rank} at step {step} pid {os.getpid()}\n")
+    if spec.get("raise"):
+        raise RuntimeError(f"injected failure at step {step} (test hook)")
     os._exit(1)
 
 
-def train_worker(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
+class RayTrainSession:
+    """One rank of a Ray Train worker group."""
 
+    def __init__(self):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world, self.local_world = ctx.get_world_rank(), ctx.get_world_size(), \
+            ctx.get_local_world_size()
+
+    @property
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def prepare(self, model):
+        import ray.train.torch
+
+        if self.world > 1:
+            return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+        return model.to(self.device)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield d
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
+class LocalSession:
+    """The whole fine-tuning in this process (``scaling.backend=local``): one rank, and
+    checkpoints kept in the run's storage under ``checkpoints_uri`` (``latest.json`` names
+    the newest, written after it), so a half-done fit resumes as under Ray Train."""
+
+    rank, world, local_world = 0, 1, 1
+
+    def __init__(self, checkpoints_uri: str):
+        self.uri = checkpoints_uri
+        self.last_metrics: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def prepare(self, model):
+        return model.to(self.device)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        from mllmcl import storage
+
+        pointer = storage.join(self.uri, "latest.json")
+        if not storage.exists(pointer):
+            yield None
+            return
+        folder = storage.join(self.uri, storage.read_json(pointer)["checkpoint"])
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            storage.download_dir(folder, tmp)
+            yield tmp
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        from mllmcl import storage
+
+        self.last_metrics = dict(metrics)
+        if checkpoint_dir is None:
+            return
+        pointer = storage.join(self.uri, "latest.json")
+        previous = storage.read_json(pointer)["checkpoint"] if storage.exists(pointer) else None
+        name = f"checkpoint_{int(metrics['step']):06d}"
+        storage.upload_dir(checkpoint_dir, storage.join(self.uri, name))
+        storage.write_json(pointer, {"checkpoint": name, **metrics})
+        if previous and previous != name:
+            storage.delete_dir(storage.join(self.uri, previous))
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train's per-worker entry point."""
+    train_adapter(config, RayTrainSession())
+
+
+def train_adapter(config: dict, session) -> None:
     from mllmcl.data.release import load_image
     from mllmcl.models import load_backbone
-    from mllmcl.models.adapters import save_adapter
     from mllmcl.models.batching import PixelCache
     from mllmcl.training.loop import make_optimizer, train_steps
+    from mllmcl.training.recipes import get_recipe
     from mllmcl.training.request import TrainRequest
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    threads = int(config["threads"]) or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
+    rank, world = session.rank, session.world
+    threads = int(config["threads"]) or max(1, (os.cpu_count() or 1) // max(1, session.local_world))
     torch.set_num_threads(threads)
     request = TrainRequest.from_config(config["request"])
     settings = request.train
     torch.manual_seed(settings.seed)
 
     backbone = load_backbone(config["model_path"], config["dtype"])
-    model = build_trainable(backbone.model, request)
-    device = ray.train.torch.get_device()
-    if world > 1:
-        model = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
-    else:
-        model.to(device)
+    recipe = get_recipe(request.recipe)(request)
+    model = recipe.build(backbone.model)
+    device = session.device
+    model = session.prepare(model)
     use_cuda = device.type == "cuda"
     mp = config.get("mixed_precision", "auto")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.bfloat16 if (mp == "auto" and use_cuda)
@@ -109,10 +183,10 @@ def train_worker(config: dict) -> None:
     every = config["checkpoint_every"] or settings.steps_per_epoch(len(request.samples))
     optimizer, scheduler = make_optimizer(model, settings, steps)
     start = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
+    with session.latest_checkpoint() as d:
+        if d is not None:
             start = _load_state(model, optimizer, scheduler, d)
+    if start:
         log.info("rank %d resumes %s/%s at step %d of %d", rank, request.task, request.kind, start, steps)
 
     pixels = PixelCache(backbone.processor, load_image)
@@ -137,17 +211,16 @@ def train_worker(config: dict) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
                     _save_state(model, optimizer, scheduler, done, tmp)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
+                session.report(metrics, tmp if rank == 0 else None)
         _maybe_inject_failure(config, done, rank)
 
     if start < steps:
         train_steps(model, backbone.collator, pixels, request.samples, settings, optimizer, scheduler,
                     start_step=start, rank=rank, world=world, all_reduce=all_reduce, autocast=autocast,
-                    on_step=on_step)
+                    extra_loss=recipe.extra_loss, on_step=on_step)
     if rank == 0:
-        core = model.module if hasattr(model, "module") else model
         meta = {"task": request.task, "stage": request.stage, "kind": request.kind, "steps": steps,
                 "samples": len(request.samples), "workers": world, "effective_batch": settings.batch_size,
                 "train": config["request"]["train"], "lora": config["request"]["lora"],
                 "init_adapter": request.init_adapter, "base_model": config["model_path"], **request.meta}
-        save_adapter(core, request.output_uri, meta)
+        recipe.save(model, request.output_uri, meta)
