@@ -1,0 +1,190 @@
+"""Ray Tune sweeps over the stream: spec validation before any trial, a sweep that
+reports after every task, writes its results and best preset, and resumes after an
+interruption without redoing finished trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mllmcl.errors import ConfigError
+from mllmcl.sweeps import load_spec, parse_spec
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_shipped_sweeps_are_valid(path):
+    spec = load_spec(path)
+    assert spec.space and spec.num_samples >= 1 and spec.base_config().data.stream == "dcl"
+    assert any("python jobs/sweep.py" in line for line in path.read_text().splitlines()[:5])
+
+
+def test_shipped_sweeps_cover_the_methods():
+    assert {load_spec(p).base_config().method.name for p in SWEEPS} >= {"mr_lora", "lora_ft", "replay", "olora"}
+
+
+def test_bad_sweep_files_fail_before_any_trial_with_every_problem():
+    with pytest.raises(ConfigError) as e:
+        parse_spec({"base": "jobs/configs/dcl/lora_ft_tiny.yaml", "bogus": 1,
+                    "space": {"train.lrr": {"loguniform": [1e-4, 1e-2]}, "lora.rank": {"choice": [8, "x"]},
+                              "train.epochs": {"normal": [1, 2]}, "train.lr": {"uniform": [0.1, 0.01]}},
+                    "objective": {"metric": "router_accuracy", "mode": "up"}})
+    msg = str(e.value)
+    for needle in ("bogus: unknown key", "train.lrr: unknown key", "lora.rank: expected an integer",
+                   "unknown distribution 'normal'", "low 0.1 must be below high 0.01",
+                   "objective metric 'router_accuracy': the stream does not report it for method 'lora_ft'",
+                   "objective.mode='up'"):
+        assert needle in msg, needle
+    with pytest.raises(ConfigError, match="search space is empty"):
+        parse_spec({"base": "jobs/configs/dcl/mr_lora_tiny.yaml", "space": {}, "objective": {"metric": "MAA"}})
+    with pytest.raises(ConfigError, match="'accuracy'"):
+        parse_spec({"base": "jobs/configs/dcl/mr_lora_tiny.yaml", "space": {"train.lr": {"choice": [0.001]}},
+                    "objective": {"metrics": {"accuracy": 1.0}}})
+    # router accuracy is reported by routed methods, so it is a valid objective there
+    spec = parse_spec({"base": "jobs/configs/dcl/mr_lora_tiny.yaml", "space": {"train.lr": {"choice": [0.001]}},
+                       "objective": {"metric": "router_accuracy"}})
+    assert spec.objective.weights == {"router_accuracy": 1.0}
+
+
+def test_sweep_job_refuses_a_bad_file_without_starting_ray(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: jobs/configs/dcl/lora_ft_tiny.yaml\nspace: {}\nobjective: {metric: MAA}\n")
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "sweep.py"), str(bad), "--storage", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, cwd=REPO,
+                         env={**os.environ, "RAY_ADDRESS": ""})
+    assert out.returncode == 2 and "search space is empty" in out.stderr
+    assert "Ray" not in out.stderr.replace("Ray Tune", "")  # nothing started
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_pareto_front():
+    from mllmcl.sweeps.tune_run import pareto_front
+
+    rows = [{"trial_id": t, "MAA": a, "BWT": b, "stop_reason": "completed"}
+            for t, a, b in (("a", 90, -5), ("b", 85, -1), ("c", 80, -6), ("d", 90, -1))]
+    rows.append({"trial_id": "e", "MAA": 99, "BWT": 0, "stop_reason": "stopped by the scheduler after task 1"})
+    assert pareto_front(rows, ("MAA", "BWT"), ("max", "max")) == ["d"]
+    assert sorted(pareto_front(rows, ("MAA", "BWT"), ("max", "min"))) == ["a", "c"]  # a dominates d here
+
+
+# --------------------------------------------------------------------------- on Ray
+
+def _write_sweep(path: Path, stream_overrides, storage: Path, num_samples: int, backend: str = "local",
+                 tasks: str = "[RS,Med]", scheduler: str = "asha", search: dict | None = None) -> Path:
+    data = {"name": path.stem, "overrides": [*stream_overrides, f"data.tasks={tasks}", "method.name=lora_ft",
+                                             f"scaling.backend={backend}", "train.max_steps=30"],
+            "space": {"train.lr": {"loguniform": [5e-3, 3e-2]}, "lora.rank": {"choice": [4, 8]}},
+            "objective": {"metric": "MAA", "mode": "max"},
+            "scheduler": {"type": scheduler, "grace_period": 1, "reduction_factor": 2},
+            "search": search or {"type": "random", "seed": 1}, "num_samples": num_samples, "max_concurrent": 1,
+            "trial_resources": {"cpus": 0, "memory_gb": 0.5}, "storage": str(storage)}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_sweep_reports_every_task_and_writes_results(ray_session, tmp_path, stream_overrides):
+    """Trials run the stream (local backend inside each trial, for speed); ASHA may stop a trial
+    after task 1; the best preset reproduces its reported objective through the stream job."""
+    from mllmcl.config import load_config
+    from mllmcl.sweeps.tune_run import run_sweep
+    from mllmcl.training.stream import run_stream
+
+    spec = load_spec(_write_sweep(tmp_path / "asha.yaml", stream_overrides, tmp_path / "store", 4))
+    res = run_sweep(spec)
+    assert len(res.rows) == 4
+    for r in res.rows:
+        tasks = [h["task"] for h in r["history"]]
+        if r["stop_reason"] == "completed":
+            assert tasks == [1, 2]  # one report per task
+            run = Path(res.root) / "runs" / r["trial_id"]
+            assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
+            assert (run / "metrics" / "metrics.json").exists()  # the run finished before its last report
+        else:
+            assert r["stop_reason"] == "stopped by the scheduler after task 1" and tasks == [1]
+    assert res.task_trainings == sum(r["tasks_done"] for r in res.rows) <= 8
+    root = Path(res.root)
+    assert {"results.json", "results.csv", "best.yaml", "objective_by_task.png"} <= {p.name for p in root.iterdir()}
+    assert (root / "objective_by_task.png").read_bytes()[:4] == b"\x89PNG"
+    csv_lines = (root / "results.csv").read_text().splitlines()
+    assert set(csv_lines[0].split(",")) >= {"trial_id", "train.lr", "lora.rank", "objective", "stop_reason"}
+    assert len(csv_lines) == 5
+    best = res.best
+    completed = [r for r in res.rows if r["stop_reason"] == "completed"]
+    assert best["objective"] == max(r["objective"] for r in completed) and best["objective"] > 0
+    cfg = load_config(root / "best.yaml", [f"storage.root={tmp_path / 'repro'}"])
+    assert cfg.train.lr == pytest.approx(best["config"]["train.lr"]) and cfg.lora.rank == best["config"]["lora.rank"]
+    again = run_stream(cfg, "repro")
+    assert again.metrics["MAA"] == pytest.approx(best["MAA"])
+
+
+def test_ray_train_runs_inside_a_trial(ray_session, tmp_path, stream_overrides):
+    """The default backend: each trial's fine-tuning is a Ray Train TorchTrainer inside the trial
+    (the trial itself holds no CPU, so it cannot starve its own workers)."""
+    from mllmcl.sweeps.tune_run import run_sweep
+
+    spec = load_spec(_write_sweep(tmp_path / "raytrain.yaml", stream_overrides, tmp_path / "store", 1,
+                                  backend="ray", tasks="[RS]", scheduler="fifo"))
+    res = run_sweep(spec)
+    (row,) = res.rows
+    assert row["stop_reason"] == "completed" and [h["task"] for h in row["history"]] == [1]
+    ckpts = Path(res.root) / "runs" / row["trial_id"] / "tasks" / "0_RS" / "checkpoints_lora"
+    assert ckpts.is_dir() and not (ckpts / "latest.json").exists()  # Ray Train's layout, not the local one
+
+
+def test_multi_objective_optuna_search_reports_the_pareto_set(ray_session, tmp_path, stream_overrides):
+    from mllmcl.sweeps.tune_run import pareto_front, run_sweep
+
+    spec = load_spec(_write_sweep(tmp_path / "pareto.yaml", stream_overrides, tmp_path / "store", 3,
+                                  scheduler="fifo", search={"type": "optuna", "metrics": ["MAA", "BWT"],
+                                                            "modes": ["max", "max"], "seed": 0}))
+    res = run_sweep(spec)
+    assert len(res.rows) == 3 and res.pareto
+    assert res.pareto == pareto_front(res.rows, ("MAA", "BWT"), ("max", "max"))
+    saved = json.loads((Path(res.root) / "results.json").read_text())
+    assert saved["pareto"] == res.pareto
+
+
+def test_interrupted_sweep_resumes_without_redoing_finished_trials(ray_session, tmp_path, stream_overrides):
+    """The sweep's driver is interrupted (Ctrl-C) after its first trial finishes; rerunning the
+    job restores the sweep: finished trials are kept (their runs untouched), the rest complete."""
+    from mllmcl.sweeps.tune_run import run_sweep
+
+    path = _write_sweep(tmp_path / "resumable.yaml", stream_overrides, tmp_path / "store", 4, scheduler="fifo")
+    runs = tmp_path / "store" / "sweeps" / "resumable" / "runs"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "sweep.py"), str(path)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def complete() -> list[Path]:
+        return [m for m in runs.glob("*/manifest.json") if json.loads(m.read_text()).get("status") == "complete"]
+
+    try:
+        deadline = time.time() + 300
+        while not complete() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert complete(), "no trial finished before the deadline"
+        time.sleep(2)  # let Tune record the result
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    finished = {m.parent.name: m.stat().st_mtime_ns for m in complete()}
+    res = run_sweep(load_spec(path))
+    assert len(res.rows) == 4
+    assert [r["stop_reason"] for r in res.rows] == ["completed"] * 4
+    assert len(finished) < 4, "the sweep was not interrupted midway"
+    for trial_id, mtime in finished.items():  # not rerun
+        assert (runs / trial_id / "manifest.json").stat().st_mtime_ns == mtime
+    assert res.task_trainings <= res.task_trainings_without_stopping
