@@ -29,9 +29,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        from mllmcl.sweeps import load_spec
-        from mllmcl.sweeps.report import format_table
-        from mllmcl.sweeps.tune_run import run_sweep
+        from mllmcl.tuning import load_spec
+        from mllmcl.tuning.report import format_table
+        from mllmcl.tuning.tune_run import run_sweep
 
         spec = load_spec(args.sweep, args.overrides, num_samples=args.num_samples,
                          max_concurrent=args.max_concurrent, storage=args.storage, name=args.name)

@@ -29,7 +29,19 @@ def reference(ray_session, runs_root, stream_overrides):
     return run_stream(_cfg(runs_root, stream_overrides, TWO, "method.name=lora_ft"), "m-lora_ft")
 
 
-@pytest.mark.parametrize("method", registered_methods())
+# Methods whose Ray path differs (adapter recipe, adapter format in the evaluation actor, router
+# training, text embeddings on the actor, no training). replay and joint run exactly lora_ft's
+# Ray path (the lora recipe on other samples); every method also runs end to end in the
+# contract test (tests/test_method_contract.py), on the local backend.
+RAY_PATHS = ["lora_ft", "mr_lora", "olora", "moelora", "disco_select", "zero_shot"]
+
+
+def test_every_method_is_covered_on_ray_or_shares_a_covered_path():
+    shares_lora_ft = {"replay", "joint"}
+    assert set(registered_methods()) <= set(RAY_PATHS) | shares_lora_ft
+
+
+@pytest.mark.parametrize("method", RAY_PATHS)
 def test_every_method_runs_a_stream(method, ray_session, runs_root, stream_overrides, reference):
     res = reference if method == "lora_ft" else run_stream(
         _cfg(runs_root, stream_overrides, TWO, f"method.name={method}"), f"m-{method}")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from mllmcl.errors import ConfigError
-from mllmcl.sweeps import load_spec, parse_spec
+from mllmcl.tuning import load_spec, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -68,7 +68,7 @@ def test_sweep_job_refuses_a_bad_file_without_starting_ray(tmp_path):
 
 
 def test_pareto_front():
-    from mllmcl.sweeps.tune_run import pareto_front
+    from mllmcl.tuning.tune_run import pareto_front
 
     rows = [{"trial_id": t, "MAA": a, "BWT": b, "stop_reason": "completed"}
             for t, a, b in (("a", 90, -5), ("b", 85, -1), ("c", 80, -6), ("d", 90, -1))]
@@ -96,7 +96,7 @@ def test_sweep_reports_every_task_and_writes_results(ray_session, tmp_path, stre
     """Trials run the stream (local backend inside each trial, for speed); ASHA may stop a trial
     after task 1; the best preset reproduces its reported objective through the stream job."""
     from mllmcl.config import load_config
-    from mllmcl.sweeps.tune_run import run_sweep
+    from mllmcl.tuning.tune_run import run_sweep
     from mllmcl.training.stream import run_stream
 
     spec = load_spec(_write_sweep(tmp_path / "asha.yaml", stream_overrides, tmp_path / "store", 4))
@@ -130,7 +130,7 @@ def test_sweep_reports_every_task_and_writes_results(ray_session, tmp_path, stre
 def test_ray_train_runs_inside_a_trial(ray_session, tmp_path, stream_overrides):
     """The default backend: each trial's fine-tuning is a Ray Train TorchTrainer inside the trial
     (the trial itself holds no CPU, so it cannot starve its own workers)."""
-    from mllmcl.sweeps.tune_run import run_sweep
+    from mllmcl.tuning.tune_run import run_sweep
 
     spec = load_spec(_write_sweep(tmp_path / "raytrain.yaml", stream_overrides, tmp_path / "store", 1,
                                   backend="ray", tasks="[RS]", scheduler="fifo"))
@@ -142,7 +142,7 @@ def test_ray_train_runs_inside_a_trial(ray_session, tmp_path, stream_overrides):
 
 
 def test_multi_objective_optuna_search_reports_the_pareto_set(ray_session, tmp_path, stream_overrides):
-    from mllmcl.sweeps.tune_run import pareto_front, run_sweep
+    from mllmcl.tuning.tune_run import pareto_front, run_sweep
 
     spec = load_spec(_write_sweep(tmp_path / "pareto.yaml", stream_overrides, tmp_path / "store", 3,
                                   scheduler="fifo", search={"type": "optuna", "metrics": ["MAA", "BWT"],
@@ -157,7 +157,7 @@ def test_multi_objective_optuna_search_reports_the_pareto_set(ray_session, tmp_p
 def test_interrupted_sweep_resumes_without_redoing_finished_trials(ray_session, tmp_path, stream_overrides):
     """The sweep's driver is interrupted (Ctrl-C) after its first trial finishes; rerunning the
     job restores the sweep: finished trials are kept (their runs untouched), the rest complete."""
-    from mllmcl.sweeps.tune_run import run_sweep
+    from mllmcl.tuning.tune_run import run_sweep
 
     path = _write_sweep(tmp_path / "resumable.yaml", stream_overrides, tmp_path / "store", 4, scheduler="fifo")
     runs = tmp_path / "store" / "sweeps" / "resumable" / "runs"

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mllmcl import storage
-from mllmcl.sweeps.spec import SweepSpec
+from mllmcl.tuning.spec import SweepSpec
 
 log = logging.getLogger(__name__)
 TIME_ATTR = "task"
@@ -88,7 +88,7 @@ def spec_to_dict(spec: SweepSpec) -> dict:
 
 
 def spec_from_dict(d: dict) -> SweepSpec:
-    from mllmcl.sweeps.spec import Objective, Param, SchedulerSpec, SearchSpec
+    from mllmcl.tuning.spec import Objective, Param, SchedulerSpec, SearchSpec
 
     d = dict(d)
     d["overrides"] = tuple(d["overrides"])
@@ -221,8 +221,8 @@ def pareto_front(rows: list[dict], metrics: tuple[str, ...], modes: tuple[str, .
 
 
 def write_results(spec: SweepSpec, grid, n_tasks: int) -> SweepResult:
-    from mllmcl.sweeps.report import objective_plot_png, results_csv
-    from mllmcl.sweeps.spec import best_preset
+    from mllmcl.tuning.report import objective_plot_png, results_csv
+    from mllmcl.tuning.spec import best_preset
 
     rows = []
     for result in grid:

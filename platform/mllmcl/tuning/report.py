@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 
-from mllmcl.sweeps.spec import SweepSpec
+from mllmcl.tuning.spec import SweepSpec
 
 
 def results_csv(rows: list[dict], spec: SweepSpec) -> str:
