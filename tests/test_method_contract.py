@@ -79,6 +79,11 @@ def test_method_contract(method, root, stream_overrides):
         assert losses, "a trainable method recorded no training"
     assert all(math.isfinite(v) for v in losses), losses
 
+    if method == "olora":  # the stage-1 adapter holds both tasks' LoRAs (ranks concatenated)
+        r = [json.loads((run / "tasks" / d / "expert" / "adapter_config.json").read_text())["r"]
+             for d in ("0_RS", "1_Med")]
+        assert r[1] == 2 * r[0]
+
     # determinism + no look-ahead: stage 0 does not depend on which task comes next
     other = run_stream(_cfg(root, stream_overrides, method, ["RS", "AD"]), f"{method}-b", stop_after=0)
     assert _stage0_fingerprint(Path(other.run_dir)) == _stage0_fingerprint(run)
@@ -88,7 +93,7 @@ def test_method_contract(method, root, stream_overrides):
     fresh = get_method(method)(cfg, stream)
     fresh.load_state_dict(manifest["stages"][1]["method_state"] or {})
     layout = RunLayout(cfg.storage.root, f"{method}-a")
-    predictor = CachedPredictor(ModelWorker(cfg.model.path, cfg.model.dtype, 1),
+    predictor = CachedPredictor(ModelWorker(cfg.model.path, cfg.model.dtype),
                                 PredictionCache(layout, enabled=False), cfg.eval.batch_size)
     answers = fresh.answer(Stage(1, stream, layout, cfg), predictor)
     assert predictor.generated > 0 and predictor.cache.hits == 0

@@ -230,7 +230,7 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
     storage.write_text(layout.config, yaml.safe_dump({"config": cfg.to_dict(), "provenance": prov}, sort_keys=False))
 
     if sc.backend == "local":
-        worker = ModelWorker(model_path, cfg.model.dtype, sc.threads_per_worker or 0)
+        worker = ModelWorker(model_path, cfg.model.dtype)  # in this process: its thread count is left alone
     else:
         init_ray()
         worker = ray.remote(ModelWorker).options(num_cpus=sc.eval_cpus, num_gpus=sc.eval_gpus,

@@ -62,6 +62,8 @@ def run_training(request: TrainRequest, cfg: Config, model_path: str, checkpoint
 
 
 def run_local_training(request: TrainRequest, cfg: Config, model_path: str, checkpoints_uri: str) -> TrainOutcome:
+    import torch
+
     from mllmcl.training.worker import LocalSession, train_adapter
 
     session = LocalSession(checkpoints_uri)
@@ -69,7 +71,11 @@ def run_local_training(request: TrainRequest, cfg: Config, model_path: str, chec
     if config["inject_failure"]:
         config["inject_failure"]["raise"] = True  # in the driver's process: raise, do not exit
     t0 = time.time()
-    train_adapter(config, session)
+    threads = torch.get_num_threads()
+    try:
+        train_adapter(config, session)
+    finally:
+        torch.set_num_threads(threads)  # the loop sets the thread count; leave the caller's process as it was
     metrics = session.last_metrics
     return TrainOutcome(output_uri=request.output_uri, steps=int(metrics.get("steps", 0)),
                         final_loss=metrics.get("loss"), seconds=time.time() - t0)
