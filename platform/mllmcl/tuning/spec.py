@@ -120,7 +120,18 @@ class SweepSpec:
         return load_config(self.base, [*self.overrides, *(extra or [])])
 
     def trial_overrides(self, params: dict) -> list[str]:
-        return [*self.overrides, *(f"{k}={json.dumps(v)}" for k, v in params.items())]
+        """The overrides of one trial: the fixed ones, the thread split, the sampled values."""
+        return [*self.overrides, *self.thread_overrides(), *(f"{k}={json.dumps(v)}" for k, v in params.items())]
+
+    def thread_overrides(self) -> list[str]:
+        """Concurrent trials share the node's cores: unless the sweep sets it, every trial's workers
+        use cores / max_concurrent torch threads (not all cores each, which oversubscribes the
+        CPU). Part of the trial's config, so the best preset reproduces the trial exactly."""
+        import os
+
+        if any(o.startswith("scaling.threads_per_worker=") for o in self.overrides) or self.max_concurrent <= 1:
+            return []
+        return [f"scaling.threads_per_worker={max(1, (os.cpu_count() or 1) // self.max_concurrent)}"]
 
     def config_for(self, params: dict, extra: list[str] | None = None) -> Config:
         return load_config(self.base, [*self.trial_overrides(params), *(extra or [])])
