@@ -311,6 +311,11 @@ def best_preset(spec: SweepSpec, params: dict, header: str) -> str:
     data = apply_overrides(data, spec.trial_overrides(params), problems)
     if problems:
         raise ConfigError(problems)
-    data.setdefault("run", {}).pop("id", None)
+    run = data.get("run") or {}
+    run.pop("id", None)  # a new run id per use
+    if run:
+        data["run"] = run
+    else:
+        data.pop("run", None)
     body = yaml.safe_dump(data, sort_keys=False)
     return "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + body
