@@ -230,7 +230,7 @@ class ScalingConfig:
     eval_cpus: float = 0.0
     eval_gpus: float = 0.0
     max_failures: int = 2  # a failed worker group restarts from the last checkpoint this often
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch, at most 10 per fit
 
     def check(self) -> list[str]:
         p = []

@@ -2,7 +2,7 @@
 Train (:class:`RayTrainSession`) or in the driver's process (:class:`LocalSession`).
 
 Checkpoints (adapter weights, optimizer, scheduler, step, RNG) are reported every
-``checkpoint_every`` steps (default: once per epoch); a restarted worker group resumes
+``checkpoint_every`` steps (default: once per epoch, at most 10 per fit); a restarted worker group resumes
 from the last one. Rank 0 writes the finished adapter to the run's storage.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import tempfile
 import time
@@ -21,6 +22,7 @@ import torch
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
+AUTO_CHECKPOINTS = 10
 ADAPTER_WEIGHTS = "adapter.safetensors"
 
 
@@ -180,7 +182,9 @@ def train_adapter(config: dict, session) -> None:
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else None
 
     steps = settings.num_steps(len(request.samples))
-    every = config["checkpoint_every"] or settings.steps_per_epoch(len(request.samples))
+    # default: once per epoch, but at most AUTO_CHECKPOINTS per fit (a router trains 30 epochs of 3 steps)
+    every = config["checkpoint_every"] or max(settings.steps_per_epoch(len(request.samples)),
+                                              math.ceil(steps / AUTO_CHECKPOINTS))
     optimizer, scheduler = make_optimizer(model, settings, steps)
     start = 0
     with session.latest_checkpoint() as d:
