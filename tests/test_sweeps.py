@@ -141,17 +141,25 @@ def test_ray_train_runs_inside_a_trial(ray_session, tmp_path, stream_overrides):
     assert ckpts.is_dir() and not (ckpts / "latest.json").exists()  # Ray Train's layout, not the local one
 
 
-def test_multi_objective_optuna_search_reports_the_pareto_set(ray_session, tmp_path, stream_overrides):
+@pytest.mark.s3
+def test_multi_objective_optuna_search_on_s3_reports_the_pareto_set(ray_session, tmp_path, stream_overrides,
+                                                                     s3_bucket):
+    """Optuna over two metrics; Tune's state, the trials' runs and the results all in S3."""
+    from mllmcl import storage
     from mllmcl.tuning.tune_run import pareto_front, run_sweep
 
-    spec = load_spec(_write_sweep(tmp_path / "pareto.yaml", stream_overrides, tmp_path / "store", 2,
+    spec = load_spec(_write_sweep(tmp_path / "pareto.yaml", stream_overrides, s3_bucket, 2,
                                   scheduler="fifo", search={"type": "optuna", "metrics": ["MAA", "BWT"],
                                                             "modes": ["max", "max"], "seed": 0}))
     res = run_sweep(spec)
     assert len(res.rows) == 2 and res.pareto
     assert res.pareto == pareto_front(res.rows, ("MAA", "BWT"), ("max", "max"))
-    saved = json.loads((Path(res.root) / "results.json").read_text())
+    assert res.root.startswith("s3://")
+    saved = storage.read_json(f"{res.root}/results.json")
     assert saved["pareto"] == res.pareto
+    for r in res.rows:
+        assert storage.read_json(f"{res.root}/runs/{r['trial_id']}/manifest.json")["status"] == "complete"
+    assert storage.exists(f"{res.root}/best.yaml") and storage.list_dir(f"{res.root}/tune")
 
 
 def test_interrupted_sweep_resumes_without_redoing_finished_trials(ray_session, tmp_path, stream_overrides):

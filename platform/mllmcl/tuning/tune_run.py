@@ -46,12 +46,17 @@ def stage_metrics(spec: SweepSpec, k: int, matrix, info: dict) -> dict:
     return m
 
 
-def stream_trial(config: dict, spec_data: dict) -> None:
-    """Tune trial: run the stream with this trial's config, report after every task."""
+def stream_trial(config: dict, spec_data: dict, env: dict | None = None) -> None:
+    """Tune trial: run the stream with this trial's config, report after every task.
+
+    ``env``: the driver's forwarded environment (cache location, S3 endpoint and
+    credentials), which a trial started on an existing cluster does not inherit.
+    """
     from ray import tune
 
     from mllmcl.training.stream import run_stream
 
+    os.environ.update(env or {})
     spec = spec_from_dict(spec_data)
     trial_id = tune.get_context().get_trial_id()
     cfg = spec.config_for(config, [f"storage.root={spec.sweep_root()}", f"run.id={trial_id}", "run.progress=false"])
@@ -156,7 +161,7 @@ def run_sweep(spec: SweepSpec, resume: bool = True) -> SweepResult:
     """Run the sweep (or restore an interrupted one under the same storage and name)."""
     from ray import tune
 
-    from mllmcl.training.ray_env import init_ray
+    from mllmcl.training.ray_env import forwarded_env, init_ray
     from mllmcl.training.stream import prepare
 
     prepare(spec.base_config())  # data, model and storage checked (and the tiny base built) before any trial
@@ -165,7 +170,8 @@ def run_sweep(spec: SweepSpec, resume: bool = True) -> SweepResult:
     n_tasks = _n_tasks(spec)
     storage_path, fs = _tune_storage(root)
     resources = {"CPU": spec.trial_cpus, "memory": int(spec.trial_memory_gb * 2**30)}
-    trainable = tune.with_resources(tune.with_parameters(stream_trial, spec_data=spec_to_dict(spec)), resources)
+    trainable = tune.with_resources(tune.with_parameters(stream_trial, spec_data=spec_to_dict(spec),
+                                                         env=forwarded_env()), resources)
     experiment = storage.join(root, "tune")
     if resume and tune.Tuner.can_restore(experiment if not fs else storage_path + "/tune", storage_filesystem=fs):
         log.info("restoring sweep %s from %s", spec.name, experiment)
