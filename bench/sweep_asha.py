@@ -25,7 +25,7 @@ def main():
     ap.add_argument("--num-samples", type=int, default=None)
     ap.add_argument("--max-concurrent", type=int, default=None)
     ap.add_argument("--storage", default=None, help="default: a temp folder")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     storage = args.storage or tempfile.mkdtemp(prefix="mllmcl-asha-")
     out = {}
     for sched in ("asha", "fifo"):

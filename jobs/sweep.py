@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--storage", default=None, help="local folder or s3:// prefix (overrides the file)")
     ap.add_argument("--name", default=None, help="sweep name: results under <storage>/sweeps/<name>/")
     ap.add_argument("--restart", action="store_true", help="do not resume an existing sweep of the same name")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from mllmcl.tuning import load_spec

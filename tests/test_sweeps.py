@@ -59,7 +59,8 @@ def test_bad_sweep_files_fail_before_any_trial_with_every_problem():
 def test_sweep_job_refuses_a_bad_file_without_starting_ray(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: jobs/configs/dcl/lora_ft_tiny.yaml\nspace: {}\nobjective: {metric: MAA}\n")
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / "sweep.py"), str(bad), "--storage", str(tmp_path)],
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "sweep.py"), "--storage", str(tmp_path), str(bad),
+                          "train.lr=0.001", "--max-concurrent", "1"],  # options and overrides intermixed
                          capture_output=True, text=True, timeout=120, cwd=REPO,
                          env={**os.environ, "RAY_ADDRESS": ""})
     assert out.returncode == 2 and "search space is empty" in out.stderr

@@ -51,7 +51,7 @@ def print_summary(result) -> None:
 
 def run_stream_job(prog: str, doc: str, stream: str, argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = stream_parser(prog, doc, stream).parse_args(argv)
+    args = stream_parser(prog, doc, stream).parse_intermixed_args(argv)
     try:
         cfg = resolve(args, stream)
         run_id = new_run_id(cfg)
