@@ -185,7 +185,8 @@ def run_sweep(spec: SweepSpec, resume: bool = True) -> SweepResult:
             tune_config=tune.TuneConfig(
                 metric=None if multi else "objective", mode=None if multi else spec.objective.mode,
                 search_alg=_searcher(spec), scheduler=_scheduler(spec, n_tasks), num_samples=spec.num_samples,
-                max_concurrent_trials=spec.max_concurrent),
+                # the random searcher limits concurrency itself; Tune applies this to Searchers (optuna) only
+                max_concurrent_trials=spec.max_concurrent if spec.search.type == "optuna" else None),
             run_config=tune.RunConfig(name="tune", storage_path=storage_path, storage_filesystem=fs,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # tiny JSON
                                       failure_config=tune.FailureConfig(max_failures=1), verbose=1),
