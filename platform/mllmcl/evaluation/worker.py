@@ -101,15 +101,11 @@ class ModelWorker:
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> list[list[float]]:
         """Text embeddings from the base model: the language model's last hidden state, mean-pooled
         over the text's tokens (no image, no adapter), L2-normalised."""
-        from mllmcl.models import moelora
-
         tok = self.backbone.collator.tok
         lm = self.backbone.model.get_decoder() if hasattr(self.backbone.model, "get_decoder") else None
         if lm is None:
             raise ValueError("this backbone exposes no language model (get_decoder) to embed text with")
-        ctx = self.peft.disable_adapter() if self.peft is not None else contextlib.nullcontext()
-        if self.format == "moelora":
-            moelora.set_active(self.backbone.model, None)
+        _, ctx = self._activate(BASE)
         out: list[list[float]] = []
         with ctx:
             for start in range(0, len(texts), batch_size):

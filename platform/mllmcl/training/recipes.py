@@ -182,8 +182,7 @@ class OLoraRecipe:
         from mllmcl.models.adapters import publish_adapter, save_adapter
 
         core = unwrap(model)
-        meta = {**meta, "olora_tasks": int(meta.get("olora_tasks", 1)), "olora_lambda1": self.lambda1,
-                "olora_lambda2": self.lambda2}
+        meta = {**meta, "olora_lambda1": self.lambda1, "olora_lambda2": self.lambda2}
         if not self.previous:
             save_adapter(core, uri, meta, adapter_name=NEW)
             return

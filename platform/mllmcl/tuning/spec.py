@@ -136,6 +136,13 @@ class SweepSpec:
     def config_for(self, params: dict, extra: list[str] | None = None) -> Config:
         return load_config(self.base, [*self.trial_overrides(params), *(extra or [])])
 
+    def n_tasks(self) -> int:
+        """Tasks in the swept stream (the scheduler's time budget)."""
+        from mllmcl.data.streams import get_stream_spec
+
+        cfg = self.base_config()
+        return len(cfg.data.tasks or ()) or len(get_stream_spec(cfg.data.stream).tasks)
+
     def sweep_root(self) -> str:
         from mllmcl.storage import join
 
@@ -275,11 +282,7 @@ def parse_spec(data: Any, source: Path | None = None, overrides: list[str] | Non
             if m not in reported:
                 problems.append(f"objective metric {m!r}: the stream does not report it for method "
                                 f"{base_cfg.method.name!r} (reported: {list(reported)})")
-        n_tasks = len(base_cfg.data.tasks or ()) or None
-        if n_tasks is None:
-            from mllmcl.data.streams import get_stream_spec
-
-            n_tasks = len(get_stream_spec(base_cfg.data.stream).tasks)
+        n_tasks = spec.n_tasks()
         if scheduler.type == "asha" and scheduler.grace_period > n_tasks:
             problems.append(f"scheduler.grace_period={scheduler.grace_period} exceeds the stream's {n_tasks} tasks")
     if problems:

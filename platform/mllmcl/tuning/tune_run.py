@@ -150,13 +150,6 @@ def _scheduler(spec: SweepSpec, n_tasks: int):
     return FIFOScheduler()
 
 
-def _n_tasks(spec: SweepSpec) -> int:
-    from mllmcl.data.streams import get_stream_spec
-
-    cfg = spec.base_config()
-    return len(cfg.data.tasks or ()) or len(get_stream_spec(cfg.data.stream).tasks)
-
-
 def run_sweep(spec: SweepSpec, resume: bool = True) -> SweepResult:
     """Run the sweep (or restore an interrupted one under the same storage and name)."""
     from ray import tune
@@ -167,15 +160,15 @@ def run_sweep(spec: SweepSpec, resume: bool = True) -> SweepResult:
     prepare(spec.base_config())  # data, model and storage checked (and the tiny base built) before any trial
     init_ray()
     root = spec.sweep_root()
-    n_tasks = _n_tasks(spec)
+    n_tasks = spec.n_tasks()
     storage_path, fs = _tune_storage(root)
     resources = {"CPU": spec.trial_cpus, "memory": int(spec.trial_memory_gb * 2**30)}
     trainable = tune.with_resources(tune.with_parameters(stream_trial, spec_data=spec_to_dict(spec),
                                                          env=forwarded_env()), resources)
-    experiment = storage.join(root, "tune")
-    if resume and tune.Tuner.can_restore(experiment if not fs else storage_path + "/tune", storage_filesystem=fs):
-        log.info("restoring sweep %s from %s", spec.name, experiment)
-        tuner = tune.Tuner.restore(experiment if not fs else storage_path + "/tune", trainable,
+    experiment = f"{storage_path}/tune"  # in Tune's terms: a path on storage_filesystem (or local)
+    if resume and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        log.info("restoring sweep %s from %s", spec.name, storage.join(root, "tune"))
+        tuner = tune.Tuner.restore(experiment, trainable,
                                    resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     else:
         multi = spec.search.multi_objective
