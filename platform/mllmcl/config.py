@@ -440,14 +440,21 @@ def apply_overrides(data: dict, overrides: list[str], problems: list[str]) -> di
     return data
 
 
-def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+def build_dataclass(cls, data: dict | None, overrides: list[str] | None = None):
+    """Any typed config dataclass (with an optional ``check() -> problems``) from a mapping and
+    dotted overrides; every problem is reported at once in a :class:`ConfigError`."""
     problems: list[str] = []
     data = apply_overrides(data or {}, list(overrides or []), problems)
-    cfg = _build(Config, data, "", problems)
-    problems += cfg.check()
+    obj = _build(cls, data, "", problems)
+    if hasattr(obj, "check"):
+        problems += obj.check()
     if problems:
         raise ConfigError(problems)
-    return cfg
+    return obj
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    return build_dataclass(Config, data, overrides)
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -52,6 +52,20 @@ class Answers:
     oracle: dict[str, list[str]] | None = None  # routed methods: expert j's answers on task j
 
 
+@dataclass(frozen=True)
+class ServingPlan:
+    """What answers a request after a stage: named experts (adapter URI, or None for the base
+    model), in the order the router names them (A, B, ...), and the router adapter when the
+    method routes each request to one expert (MR-LoRA); without a router there is one expert."""
+
+    experts: dict[str, str | None]
+    router: str | None = None
+
+
+class NotServable(ValueError):
+    """The method's stage cannot be served as a router + expert ensemble (the message says why)."""
+
+
 class Predictor(Protocol):
     """Generates with the base model or any adapter of the run (the stream's model worker)."""
 
@@ -74,6 +88,9 @@ class Method(Protocol):
 
     def answer(self, stage: Stage, predictor: Predictor) -> Answers:
         """Answer every seen task's test split (task identity is never given to a model)."""
+
+    def serving(self, stage: Stage) -> ServingPlan:
+        """The adapters that answer requests after this stage (``mllmcl.serving``)."""
 
     def state_dict(self) -> dict:
         """JSON-able state to save after the stage."""
@@ -100,6 +117,9 @@ class CLMethod:
 
     def answer(self, stage: Stage, predictor: Predictor) -> Answers:
         raise NotImplementedError
+
+    def serving(self, stage: Stage) -> ServingPlan:
+        raise NotServable(f"method {self.name!r} does not say how to serve its stages")
 
     def state_dict(self) -> dict:
         return {}

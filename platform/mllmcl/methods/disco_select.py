@@ -17,7 +17,7 @@ import numpy as np
 from mllmcl import storage
 from mllmcl.data.prompts import eval_prompt
 from mllmcl.methods import register
-from mllmcl.methods.base import Answers, CLMethod, Stage, request, routed_answer
+from mllmcl.methods.base import Answers, CLMethod, NotServable, Stage, request, routed_answer
 
 
 @register("disco_select")
@@ -60,3 +60,7 @@ class DiscoSelect(CLMethod):
         answers = routed_answer(stage, predictor, lambda j: (self.select(stage, predictor, j), 0))
         answers.info["selector"] = "text-prototype cosine"
         return answers
+
+    def serving(self, stage: Stage):
+        raise NotServable("disco_select routes by text prototypes, which the service does not implement "
+                          "(it serves MR-LoRA's MLLM router); evaluate it with the stream runner")

@@ -6,7 +6,7 @@ tasks, at the last stage, and earlier stages are answered by the base model.
 """
 
 from mllmcl.methods import register
-from mllmcl.methods.base import CLMethod, Answers, Stage, answer_with, request
+from mllmcl.methods.base import CLMethod, Answers, ServingPlan, Stage, answer_with, request
 
 
 @register("joint")
@@ -23,3 +23,6 @@ class Joint(CLMethod):
 
     def answer(self, stage: Stage, predictor) -> Answers:
         return answer_with(stage, predictor, stage.expert_uri() if self._trains(stage) else None)
+
+    def serving(self, stage: Stage) -> ServingPlan:
+        return ServingPlan({self.name: stage.expert_uri() if self._trains(stage) else None})

@@ -1,7 +1,7 @@
 """lora_ft: one LoRA fine-tuned task after task (each stage starts from the previous one)."""
 
 from mllmcl.methods import register
-from mllmcl.methods.base import CLMethod, Answers, Stage, answer_with, request
+from mllmcl.methods.base import CLMethod, Answers, ServingPlan, Stage, answer_with, request
 
 
 @register("lora_ft")
@@ -15,3 +15,6 @@ class LoraFT(CLMethod):
 
     def answer(self, stage: Stage, predictor) -> Answers:
         return answer_with(stage, predictor, stage.expert_uri())
+
+    def serving(self, stage: Stage) -> ServingPlan:
+        return ServingPlan({self.name: stage.expert_uri()})

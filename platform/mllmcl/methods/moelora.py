@@ -11,7 +11,7 @@ experts per token). See :mod:`mllmcl.models.moelora`.
 from dataclasses import asdict
 
 from mllmcl.methods import register
-from mllmcl.methods.base import Answers, CLMethod, Stage, answer_with, request
+from mllmcl.methods.base import Answers, CLMethod, NotServable, Stage, answer_with, request
 from mllmcl.models.moelora import MoELoraSettings
 
 
@@ -33,3 +33,7 @@ class MoELoRA(CLMethod):
 
     def answer(self, stage: Stage, predictor) -> Answers:
         return answer_with(stage, predictor, stage.expert_uri())
+
+    def serving(self, stage: Stage):
+        raise NotServable("moelora adapters are not PEFT adapters, so PEFT cannot batch them across experts; "
+                          "evaluate MoELoRA runs with the stream runner")

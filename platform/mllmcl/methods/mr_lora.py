@@ -16,7 +16,7 @@ import numpy as np
 
 from mllmcl.data.prompts import eval_prompt
 from mllmcl.methods import register
-from mllmcl.methods.base import Answers, CLMethod, Stage, request, routed_answer
+from mllmcl.methods.base import Answers, CLMethod, ServingPlan, Stage, request, routed_answer
 from mllmcl.models.lora import LoraSettings
 from mllmcl.routing.router import parse_letter, router_prompt, router_training_samples
 from mllmcl.training.loop import TrainSettings
@@ -74,3 +74,7 @@ class MRLoRA(CLMethod):
         answers = routed_answer(stage, predictor, choose)
         answers.info["router_fallback_rule"] = self.cfg.method.router_fallback
         return answers
+
+    def serving(self, stage: Stage) -> ServingPlan:
+        experts = {t.name: stage.expert_uri(i) for i, t in enumerate(stage.seen)}
+        return ServingPlan(experts, router=stage.router_uri() if stage.k > 0 else None)

@@ -10,7 +10,7 @@ is used at test time.
 """
 
 from mllmcl.methods import register
-from mllmcl.methods.base import Answers, CLMethod, Stage, answer_with, request
+from mllmcl.methods.base import Answers, CLMethod, ServingPlan, Stage, answer_with, request
 
 
 @register("olora")
@@ -24,3 +24,6 @@ class OLoRA(CLMethod):
 
     def answer(self, stage: Stage, predictor) -> Answers:
         return answer_with(stage, predictor, stage.expert_uri())
+
+    def serving(self, stage: Stage) -> ServingPlan:
+        return ServingPlan({self.name: stage.expert_uri()})  # the summed task LoRAs, one PEFT adapter

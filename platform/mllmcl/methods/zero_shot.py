@@ -1,7 +1,7 @@
 """zero_shot: the base model on every task, nothing trained (the table's first row)."""
 
 from mllmcl.methods import register
-from mllmcl.methods.base import CLMethod, Answers, Stage, answer_with
+from mllmcl.methods.base import CLMethod, Answers, ServingPlan, Stage, answer_with
 
 
 @register("zero_shot")
@@ -11,3 +11,6 @@ class ZeroShot(CLMethod):
 
     def answer(self, stage: Stage, predictor) -> Answers:
         return answer_with(stage, predictor, None)
+
+    def serving(self, stage: Stage) -> ServingPlan:
+        return ServingPlan({"base": None})

@@ -1,0 +1,69 @@
+"""Serve a run's router + expert ensemble over HTTP (OpenAI chat-completions format).
+
+    python jobs/serve.py --run artifacts/runs/dcl-mr_lora-demo
+    python jobs/serve.py --run s3://bucket/mllmcl/runs/dcl-mr_lora port=8000 experts.max_replicas=4 experts.num_gpus=1
+    python jobs/serve.py --run artifacts/runs/<id> --config cluster/serve_settings.yaml stage=2
+
+Then:
+    curl -s http://127.0.0.1:8000/v1/models
+    curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{"messages":
+      [{"role": "user", "content": [{"type": "text", "text": "What is in the image?"},
+       {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}]}'
+    (add "model": "Med" to pin an expert and skip the router)
+
+Without RAY_ADDRESS a local Ray is started and the service runs until Ctrl-C. With
+RAY_ADDRESS (or under ``ray job submit``) the application is deployed on that cluster and
+this command returns once it is running; ``serve shutdown`` or ``serve delete`` removes it.
+Settings (host, port, batching, replicas, autoscaling, resources, request limits):
+``mllmcl.serving.config.ServeConfig``; binds 127.0.0.1 unless ``host=`` says otherwise.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from mllmcl.errors import MllmclError
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="serve.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="the run to serve: <storage root>/runs/<run id> (folder or s3://)")
+    ap.add_argument("--config", default=None, help="serving settings (YAML); defaults: ServeConfig")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. port=8001 experts.num_gpus=1")
+    args = ap.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from mllmcl.serving import load_serve_config, load_served_run
+
+        cfg = load_serve_config(args.config, args.overrides)
+        load_served_run(args.run, cfg.stage, model_path=cfg.model_path, dtype=cfg.dtype,
+                        base_only=cfg.base_only)  # every problem is reported before Ray starts
+    except MllmclError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from ray import serve
+
+    from mllmcl.serving.app import start
+    from mllmcl.training.ray_env import init_ray
+
+    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    init_ray()
+    run = start(args.run, cfg)
+    url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+    print(f"serving run {run.run_id} stage {run.stage} ({run.method}; experts {', '.join(run.experts)}"
+          f"{'; MR-LoRA router' if run.routed else ''}) at {url}/v1/chat/completions", flush=True)
+    if on_cluster:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

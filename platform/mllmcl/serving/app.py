@@ -1,0 +1,270 @@
+"""The Ray Serve application of a run: an OpenAI-style ingress, the MR-LoRA router, and an
+expert pool that loads experts on demand (Serve multiplexing, LRU per replica) and answers
+a batch of requests for different experts in one forward pass.
+
+    ingress (FastAPI) --text, image--> router --letter--> ingress --expert--> expert pool
+
+Start it with ``jobs/serve.py --run <uri>``, or from a Serve config file / RayService with
+``import_path: mllmcl.serving.app:app_builder`` (``cluster/serve.yaml``).
+"""
+
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from mllmcl.serving.config import ServeConfig, load_serve_config
+from mllmcl.serving.protocol import RequestError, completion_response, max_body_bytes, parse_chat_request
+from mllmcl.serving.run import ServedRun, load_served_run
+
+log = logging.getLogger("mllmcl.serving")
+
+api = FastAPI(title="mllmcl", description="MR-LoRA router + expert ensemble of a continual-learning run")
+
+
+class _RouterDeployment:
+    """The base model with the run's router LoRA; names the expert for a batch of requests."""
+
+    def __init__(self, run: ServedRun, cfg: ServeConfig):
+        from mllmcl.serving.engine import ROUTER, AdapterEngine
+
+        self.run = run
+        self.engine = AdapterEngine(run.model_path, run.dtype, cfg.router.threads)
+        self.engine.load(ROUTER, run.router)
+        self._route_batch.set_max_batch_size(cfg.max_batch_size)
+        self._route_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _route_batch(self, items: list[tuple[str, bytes]]) -> list[dict]:
+        from mllmcl.serving.engine import decode_image, route
+
+        def work():
+            images = [decode_image(b) for _, b in items]
+            return route(self.engine, self.run.specs, [q for q, _ in items], images,
+                         fallback=self.run.router_fallback, seed=self.run.seed)
+
+        return [r.to_dict() for r in await asyncio.to_thread(work)]
+
+    async def route(self, question: str, image: bytes) -> dict:
+        return await self._route_batch((question, image))
+
+
+class _LoadedExpert:
+    """What the multiplexed loader returns. Serve calls ``__del__`` when it evicts the expert
+    (LRU); the adapter is then deleted by the pool between batches, never under a forward."""
+
+    def __init__(self, pool, name: str, adapter: str | None):
+        self.pool, self.name, self.adapter = pool, name, adapter
+        self._retired = False
+
+    def __del__(self):
+        if not self._retired and self.adapter is not None:
+            self._retired = True
+            self.pool._retired.append(self.adapter)
+
+
+def expert_pool_class(max_experts: int):
+    """The expert-pool deployment class; multiplexing's LRU size is fixed when it is defined."""
+
+    class ExpertPool:
+        def __init__(self, run: ServedRun, cfg: ServeConfig):
+            from mllmcl.serving.engine import AdapterEngine
+
+            self.run = run
+            self.capacity = max_experts
+            self.engine = AdapterEngine(run.model_path, run.dtype, cfg.experts.threads)
+            self._retired: list[str] = []
+            self._loads = 0
+            self._generate_batch.set_max_batch_size(cfg.max_batch_size)
+            self._generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+        @serve.multiplexed(max_num_models_per_replica=max_experts)
+        async def get_expert(self, name: str) -> _LoadedExpert:
+            if name not in self.run.experts:  # only the run's registered adapters, never a caller's path
+                raise KeyError(f"unknown expert {name!r}")
+            uri = self.run.experts[name]
+            adapter = None
+            if uri is not None:
+                self._loads += 1
+                adapter = f"{name}#{self._loads}"  # a fresh name: an evicted copy may still await deletion
+                await asyncio.to_thread(self.engine.load, adapter, uri)
+            return _LoadedExpert(self, name, adapter)
+
+        def _delete_retired(self) -> None:
+            while self._retired:
+                self.engine.unload(self._retired.pop())
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+        async def _generate_batch(self, items: list[tuple[str, str, bytes, int]]) -> list[dict]:
+            from mllmcl.serving.engine import decode_image
+
+            out: list[dict | None] = [None] * len(items)
+            names = list(dict.fromkeys(e for e, _, _, _ in items))
+            for start in range(0, len(names), self.capacity):  # never more distinct experts than the LRU holds
+                chunk = set(names[start:start + self.capacity])
+                loaded = {n: await self.get_expert(n) for n in chunk}
+                self._delete_retired()
+                rows = [i for i, it in enumerate(items) if it[0] in chunk]
+
+                def work(rows=rows, loaded=loaded):
+                    images = [decode_image(items[i][2]) for i in rows]
+                    return self.engine.generate([items[i][1] for i in rows], images,
+                                                [loaded[items[i][0]].adapter for i in rows],
+                                                [items[i][3] for i in rows])
+
+                for i, c in zip(rows, await asyncio.to_thread(work)):
+                    out[i] = c.to_dict()
+            return out  # type: ignore[return-value]
+
+        async def generate(self, expert: str, text: str, image: bytes, max_new_tokens: int) -> dict:
+            return await self._generate_batch((expert, text, image, max_new_tokens))
+
+        def stats(self) -> dict:
+            return {"loaded": sorted(self.engine.adapters), "loads": self._loads}
+
+    return ExpertPool
+
+
+class _TokenCounter:
+    """Prompt length checks with the run's tokenizer (the ingress holds no model weights)."""
+
+    def __init__(self, run: ServedRun, cfg: ServeConfig):
+        from transformers import AutoConfig, AutoProcessor
+
+        from mllmcl.models.batching import Collator
+        from mllmcl.models.chat import chat_format_for
+        from mllmcl.models.loading import resolve_checkpoint
+
+        path = resolve_checkpoint(run.model_path)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        text = getattr(config, "text_config", config)
+        self.context = int(getattr(text, "max_position_embeddings", 0) or 0)
+        self.collator = Collator(AutoProcessor.from_pretrained(path, local_files_only=True),
+                                 chat_format_for(config.model_type))
+        self.limit = cfg.limits.max_prompt_tokens
+
+    def count(self, text: str) -> int:
+        return len(self.collator._ids(self.collator.chat.prompt(text)))
+
+    def check(self, text: str, run: ServedRun) -> None:
+        from mllmcl.methods.mr_lora import ROUTER_MAX_NEW_TOKENS
+        from mllmcl.routing.router import router_prompt
+
+        n = self.count(text)
+        budget = max(run.max_new_tokens.values())
+        limit = self.limit or (self.context - budget if self.context else 0)
+        if limit and n > limit:
+            raise RequestError(400, f"prompt is {n} tokens (with the image's); the limit is {limit}", "messages",
+                               "context_length_exceeded")
+        if run.router is not None and self.context:
+            r = self.count(router_prompt(run.specs, text))
+            if r + ROUTER_MAX_NEW_TOKENS > self.context:
+                raise RequestError(400, f"the router's prompt for this text is {r} tokens; the model's context is "
+                                        f"{self.context}", "messages", "context_length_exceeded")
+
+
+def _relative(uri: str | None, run_dir: str) -> str | None:
+    if uri is None:
+        return None
+    return uri[len(run_dir):].strip("/") if uri.startswith(run_dir) else uri
+
+
+@serve.ingress(api)
+class _Ingress:
+    def __init__(self, run: ServedRun, cfg: ServeConfig, router, pool):
+        from mllmcl.serving.engine import AdapterEngine  # noqa: F401  (import check before traffic)
+
+        self.run, self.cfg, self.router, self.pool = run, cfg, router, pool
+        self.names = list(run.experts)
+        self.limits = cfg.limits
+        self._tokens = _TokenCounter(run, cfg)
+
+    def _error(self, e: RequestError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", **self.run.to_dict()}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        from mllmcl.routing.router import LETTERS
+
+        data = [{"id": name, "object": "model", "owned_by": "mllmcl",
+                 "mllmcl": {"letter": LETTERS[i], "stage": self.run.stage, "run_id": self.run.run_id,
+                            "adapter": _relative(uri, self.run.run_uri)}}
+                for i, (name, uri) in enumerate(self.run.experts.items())]
+        return {"object": "list", "data": data}
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> Any:
+        try:
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and int(length) > max_body_bytes(self.limits):
+                raise RequestError(413, f"request body is {length} bytes; the limit is {max_body_bytes(self.limits)}",
+                                   None, "request_too_large")
+            req = parse_chat_request(await request.body(), self.limits, self.run.experts)
+            self._tokens.check(req.text, self.run)
+            routing: dict = {"mode": "single", "stage": self.run.stage}
+            if req.model is not None:
+                expert, routing = req.model, {"mode": "pinned", "stage": self.run.stage}
+            elif self.router is None:
+                expert = self.names[0]
+            else:
+                r = await self.router.route.remote(req.text, req.image)
+                expert = self.names[r["index"]]
+                routing = {"mode": "router", "stage": self.run.stage, "router_answer": r["answer"],
+                           "fallback": r["fallback"]}
+            budget = self.run.max_new_tokens[expert]
+            max_new = min(req.max_tokens, self.limits.max_tokens) if req.max_tokens else budget
+            out = await self.pool.options(multiplexed_model_id=expert).generate.remote(expert, req.text, req.image,
+                                                                                       max_new)
+            return JSONResponse(completion_response(expert, out, {"routing": routing, "run_id": self.run.run_id}))
+        except RequestError as e:
+            return self._error(e)
+        except Exception as e:  # a failure of one request never takes the service down
+            log.exception("request failed")
+            return JSONResponse({"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",
+                                           "param": None, "code": "internal_error"}}, status_code=500)
+
+
+def build_app(run: ServedRun, cfg: ServeConfig, env: dict[str, str] | None = None):
+    """The Serve application (ingress + router + expert pool) of a loaded run; ``env`` is set
+    in every replica (cache location, S3 access)."""
+
+    def options(settings, name: str) -> dict:
+        opts = settings.options(name)
+        if env:
+            opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(env)}
+        return opts
+
+    pool_cls = serve.deployment(expert_pool_class(cfg.max_experts_per_replica))
+    pool = pool_cls.options(**options(cfg.experts, "experts")).bind(run, cfg)
+    router = None
+    if run.router is not None:
+        router = serve.deployment(_RouterDeployment).options(**options(cfg.router, "router")).bind(run, cfg)
+    ingress = serve.deployment(_Ingress).options(**options(cfg.ingress, "ingress"))
+    return ingress.bind(run, cfg, router, pool)
+
+
+def app_builder(args: dict):
+    """Serve config-file entry point: ``args: {run: <uri>, config: <yaml>, overrides: [k=v, ...]}``."""
+    if "run" not in args:
+        raise ValueError("app_builder needs args.run: the run's URI (<storage root>/runs/<run id>)")
+    cfg = load_serve_config(args.get("config"), list(args.get("overrides") or []))
+    run = load_served_run(args["run"], cfg.stage, model_path=cfg.model_path, dtype=cfg.dtype, base_only=cfg.base_only)
+    return build_app(run, cfg)
+
+
+def start(run_uri: str, cfg: ServeConfig, *, blocking: bool = False):
+    """Deploy the run's application on the connected Ray cluster; returns the loaded run."""
+    from mllmcl.training.ray_env import forwarded_env
+
+    run = load_served_run(run_uri, cfg.stage, model_path=cfg.model_path, dtype=cfg.dtype, base_only=cfg.base_only)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(run, cfg, forwarded_env()), name=cfg.app_name, route_prefix=cfg.route_prefix,
+              blocking=blocking)
+    return run
