@@ -212,6 +212,18 @@ def load_task(root: str, stream: str | StreamSpec, task: str, index: int | None 
     return Task(spec=tspec, index=idx, root=train_dir, train=tuple(train), test=tuple(test))
 
 
+def load_test_folder(folder: str, task: str, verify_images: str = "exists", limit: int | None = None) -> list[Sample]:
+    """The test split in one task folder of the release layout (``test.json`` + images), e.g.
+    ``<root>/Domain_data/RS`` or ``<root>/Ability_data/OCR_test``."""
+    if verify_images not in VERIFY_MODES:
+        raise ValueError(f"verify_images={verify_images!r}: expected one of {VERIFY_MODES}")
+    folder = str(folder).rstrip("/")
+    if not storage.exists(storage.join(folder, "test.json")):
+        raise DataError(f"{folder}: no test.json (expected a task folder of the MLLM-CL release)")
+    samples = _load_split(folder, "test.json", task, "test", verify_images)
+    return samples[:limit] if limit else samples
+
+
 def load_stream(root: str, stream: str = "dcl", tasks: Iterable[str] | None = None,
                 verify_images: str = "exists", limit: int | None = None) -> Stream:
     """Load a stream's tasks in benchmark order (or the order of ``tasks``).

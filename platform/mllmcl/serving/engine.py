@@ -183,7 +183,8 @@ class Ensemble:
         if run.router is not None:
             self.engine.load(ROUTER, run.router)
 
-    def answer(self, questions: Sequence[str], images: Sequence) -> list[dict]:
+    def answer(self, questions: Sequence[str], images: Sequence, max_new_tokens: int | None = None) -> list[dict]:
+        """Route and answer; each answer's budget is its expert's unless ``max_new_tokens`` is given."""
         if self.run.router is not None:
             routes = route(self.engine, self.run.specs, questions, images, fallback=self.run.router_fallback,
                            seed=self.run.seed)
@@ -191,6 +192,7 @@ class Ensemble:
             routes = [Route(0, "", False)] * len(questions)
         experts = [self.names[r.index] for r in routes]
         adapters = [name if self.run.experts[name] is not None else None for name in experts]
-        comps = self.engine.generate(questions, images, adapters, [self.run.max_new_tokens[e] for e in experts])
+        budgets = [max_new_tokens or self.run.max_new_tokens[e] for e in experts]
+        comps = self.engine.generate(questions, images, adapters, budgets)
         return [{"prediction": c.text, "expert": e, "router_answer": r.answer, "router_fallback": r.fallback}
                 for c, e, r in zip(comps, experts, routes)]

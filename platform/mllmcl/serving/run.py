@@ -35,6 +35,7 @@ class ServedRun:
     max_new_tokens: dict[str, int]  # expert -> answer budget (as the stream runner evaluated)
     router_fallback: str
     seed: int
+    eval_max_new_tokens: int = 0  # the run's eval.max_new_tokens (0 = each task's own budget)
 
     @property
     def routed(self) -> bool:
@@ -103,4 +104,4 @@ def load_served_run(run_uri: str, stage: int = -1, *, model_path: str = "", dtyp
     return ServedRun(run_uri=layout.run_dir, run_id=layout.run_id, method=manifest.method, stream=stream.name,
                      stage=k, model_path=model_path or cfg.model.path, dtype=dtype or cfg.model.dtype,
                      experts=experts, router=router, specs=tuple(seen), max_new_tokens=max_new,
-                     router_fallback=cfg.method.router_fallback, seed=cfg.run.seed)
+                     router_fallback=cfg.method.router_fallback, seed=cfg.run.seed, eval_max_new_tokens=budget)
