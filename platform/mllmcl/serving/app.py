@@ -9,6 +9,8 @@ Start it with ``jobs/serve.py --run <uri>``, or from a Serve config file / RaySe
 """
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 from typing import Any
 
@@ -66,6 +68,24 @@ class _LoadedExpert:
             self.pool._retired.append(self.adapter)
 
 
+@contextlib.contextmanager
+def _batch_across_experts():
+    """Clear the request's multiplexed model id while it joins a batch.
+
+    The id has done its job (Serve routed the request to a replica that holds the expert);
+    ``@serve.batch`` would otherwise split every batch by model id and run the parts
+    concurrently, one forward per expert, which is what the pool's mixed batches avoid.
+    """
+    from ray.serve import context
+
+    current = context._get_serve_request_context()
+    token = context._serve_request_context.set(dataclasses.replace(current, multiplexed_model_id=""))
+    try:
+        yield
+    finally:
+        context._serve_request_context.reset(token)
+
+
 def expert_pool_class(max_experts: int):
     """The expert-pool deployment class; multiplexing's LRU size is fixed when it is defined."""
 
@@ -78,6 +98,8 @@ def expert_pool_class(max_experts: int):
             self.engine = AdapterEngine(run.model_path, run.dtype, cfg.experts.threads)
             self._retired: list[str] = []
             self._loads = 0
+            self._lock = asyncio.Lock()  # one batch at a time on the engine, whatever Serve schedules
+            self.counts = {"batches": 0, "forwards": 0, "mixed_forwards": 0, "rows": 0}
             self._generate_batch.set_max_batch_size(cfg.max_batch_size)
             self._generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -99,6 +121,10 @@ def expert_pool_class(max_experts: int):
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
         async def _generate_batch(self, items: list[tuple[str, str, bytes, int]]) -> list[dict]:
+            async with self._lock:
+                return await self._answer(items)
+
+        async def _answer(self, items: list[tuple[str, str, bytes, int]]) -> list[dict]:
             from mllmcl.serving.engine import decode_image
 
             out: list[dict | None] = [None] * len(items)
@@ -117,13 +143,18 @@ def expert_pool_class(max_experts: int):
 
                 for i, c in zip(rows, await asyncio.to_thread(work)):
                     out[i] = c.to_dict()
+                self.counts["forwards"] += 1
+                self.counts["mixed_forwards"] += len(chunk) > 1
+            self.counts["batches"] += 1
+            self.counts["rows"] += len(items)
             return out  # type: ignore[return-value]
 
         async def generate(self, expert: str, text: str, image: bytes, max_new_tokens: int) -> dict:
-            return await self._generate_batch((expert, text, image, max_new_tokens))
+            with _batch_across_experts():
+                return await self._generate_batch((expert, text, image, max_new_tokens))
 
         def stats(self) -> dict:
-            return {"loaded": sorted(self.engine.adapters), "loads": self._loads}
+            return {"loaded": sorted(self.engine.adapters), "loads": self._loads, **self.counts}
 
     return ExpertPool
 

@@ -87,7 +87,8 @@ def _predict(run: ServedRun, rows: list[dict], max_new: int, *, backend: str, ba
         threads = max(1, cpus // max(1, concurrency))
     ds = ray.data.from_items(rows).map_batches(
         EnsemblePredictor, fn_constructor_kwargs={"run": run, "threads": threads, "max_new_tokens": max_new},
-        batch_size=batch_size, concurrency=concurrency, num_cpus=num_cpus, num_gpus=num_gpus, batch_format="default")
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=num_cpus,
+        num_gpus=num_gpus, batch_format="default")
     return ds.take_all()
 
 
@@ -103,6 +104,8 @@ def evaluate_run(run_uri: str, data: str, *, task: str | None = None, out: str |
         raise ValueError(f"backend={backend!r}: expected ray or local")
     t0 = time.time()
     run = load_served_run(run_uri, stage, model_path=model_path, dtype=dtype)
+    if not storage.exists(storage.join(data, "test.json")):
+        raise DataError(f"{data}: no test.json (expected a task folder of the MLLM-CL release)")
     spec = task_spec_for(data, run, task)
     samples = load_test_folder(data, spec.name, verify_images=verify_images, limit=limit or None)
     max_new = run.eval_max_new_tokens or spec.max_new_tokens

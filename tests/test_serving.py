@@ -1,0 +1,310 @@
+"""Serving a run: the Ray Serve app over HTTP on loopback gives the stream runner's answers
+and expert choices, refuses bad requests with 4xx while it keeps serving, and batch
+evaluation through the same router + experts reproduces the stream runner's scores.
+
+One MR-LoRA run (RS -> Med -> AD, local backend) is made per module; the app is deployed
+once, with an expert LRU smaller than the number of experts so that multiplexing evicts
+and reloads experts during the test.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from mllmcl.config import load_config
+from mllmcl.errors import ConfigError
+from mllmcl.evaluation.predictions import read_predictions
+from mllmcl.serving.config import LimitSettings, load_serve_config
+from mllmcl.serving.protocol import RequestError, chat_request, parse_chat_request
+from mllmcl.serving.run import load_served_run
+
+TASKS = ["RS", "Med", "AD"]
+APP = "mllmcl-test"
+
+
+# --------------------------------------------------------------------------- the run
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, stream_overrides):
+    from mllmcl.training.stream import run_stream
+
+    root = tmp_path_factory.mktemp("serving")
+    cfg = load_config(None, [*stream_overrides, "scaling.backend=local", "train.lr=0.01", "train.max_steps=30",
+                             "method.router_epochs=10", "method.router_fallback=last", f"storage.root={root}",
+                             "method.name=mr_lora", f"data.tasks=[{','.join(TASKS)}]"])
+    res = run_stream(cfg, "served")
+    return Path(res.run_dir)
+
+
+def _final(run: Path) -> dict[str, dict]:
+    """question_id -> (prediction, expert task) of the stream runner's last stage."""
+    out = {}
+    for task in TASKS:
+        for r in read_predictions(str(run / "eval" / f"stage_{len(TASKS) - 1}" / f"{task}.parquet")):
+            out[r.question_id] = {"prediction": r.prediction, "expert": r.expert.split("/")[1].split("_", 1)[1]}
+    return out
+
+
+def _oracle(run: Path, k: int, task: str) -> dict[str, str]:
+    """Expert k's cached answers (the stream runner's evaluation of every expert)."""
+    from mllmcl.data.parquet import read_table
+
+    table = read_table(str(run / "eval" / "cache" / f"tasks__{k}_{task}__expert.parquet")).to_pylist()
+    return {r["uid"]: r["prediction"] for r in table}
+
+
+def _samples(synthetic_small):
+    from mllmcl.data.release import load_stream
+
+    return load_stream(str(synthetic_small), "dcl", TASKS)
+
+
+# --------------------------------------------------------------------------- without Ray
+
+def _png(size=(8, 8)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+BAD_REQUESTS = [  # (name, body bytes, status, words in the message)
+    ("malformed JSON", b'{"messages": [', 400, "not valid JSON"),
+    ("not an object", b"[1, 2]", 400, "JSON object"),
+    ("no messages", json.dumps({"messages": []}).encode(), 400, "non-empty list"),
+    ("missing image", json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(), 400, "no image"),
+    ("undecodable image", json.dumps(chat_request("hi", b"certainly not a png")).encode(), 400, "cannot be decoded"),
+    ("bad base64", json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}
+    ).encode(), 400, "not valid base64"),
+    ("remote image URL", json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "http://example.com/x.png"}}]}]}
+    ).encode(), 400, "not fetched"),
+    ("image over the byte limit", json.dumps(chat_request("hi", _png() + b"\0" * 25000)).encode(), 413, "limit"),
+    ("image over the pixel limit", json.dumps(chat_request("hi", _png((300, 300)))).encode(), 413, "pixels"),
+    ("too-long text", json.dumps(chat_request("x" * 2001, _png())).encode(), 413, "characters"),
+    ("too many tokens", json.dumps(chat_request("word " * 390, _png())).encode(), 400, "tokens"),
+    ("unknown expert", json.dumps(chat_request("hi", _png(), model="Fin")).encode(), 404, "unknown expert"),
+    ("model as a path", json.dumps(chat_request("hi", _png(), model="/tmp/evil_adapter")).encode(), 400, "path or URI"),
+    ("model as a URI", json.dumps(chat_request("hi", _png(), model="s3://bucket/adapter")).encode(), 400,
+     "path or URI"),
+    ("two turns", json.dumps({"messages": [{"role": "system", "content": "be brief"},
+                                           {"role": "user", "content": "hi"}]}).encode(), 400, "exactly one message"),
+    ("streaming", json.dumps({**chat_request("hi", _png()), "stream": True}).encode(), 400, "streaming"),
+    ("max_tokens out of range", json.dumps({**chat_request("hi", _png()), "max_tokens": 0}).encode(), 400,
+     "max_tokens"),
+]
+LIMITS = ["limits.max_image_bytes=20000", "limits.max_image_pixels=40000", "limits.max_text_chars=2000"]
+
+
+@pytest.mark.parametrize("name,body,status,words", [b for b in BAD_REQUESTS if b[0] != "too many tokens"],
+                         ids=[b[0] for b in BAD_REQUESTS if b[0] != "too many tokens"])
+def test_parse_refuses_bad_requests(name, body, status, words):
+    limits = load_serve_config(None, LIMITS).limits
+    with pytest.raises(RequestError) as e:
+        parse_chat_request(body, limits, {"RS": "x", "Med": "y", "AD": "z"})
+    assert e.value.status == status and words in e.value.message, (e.value.status, e.value.message)
+
+
+def test_parse_accepts_a_good_request():
+    image = _png()
+    req = parse_chat_request(json.dumps({**chat_request("What is it?", image, model="Med"), "max_tokens": 7}).encode(),
+                             LimitSettings(), {"RS": "x", "Med": "y"})
+    assert (req.text, req.image, req.model, req.max_tokens) == ("What is it?", image, "Med", 7)
+    auto = parse_chat_request(json.dumps(chat_request("q", image, model="auto")).encode(), LimitSettings(), {"RS": "x"})
+    assert auto.model is None
+
+
+def test_serve_config_is_validated():
+    with pytest.raises(ConfigError) as e:
+        load_serve_config(None, ["port=0", "experts.max_replicas=2", "experts.min_replicas=3", "routerr.num_cpus=1",
+                                 "limits.max_tokens=0"])
+    text = str(e.value)
+    for words in ("port=0", "min_replicas (3) <= max_replicas (2)", "routerr: unknown key", "limits.max_tokens"):
+        assert words in text
+    opts = load_serve_config(None, ["experts.max_replicas=4", "experts.num_gpus=1"]).experts.options("experts")
+    assert opts["autoscaling_config"]["max_replicas"] == 4 and opts["ray_actor_options"]["num_gpus"] == 1
+
+
+def test_served_run_plan_and_refusals(run, tmp_path):
+    served = load_served_run(str(run))
+    assert served.stage == len(TASKS) - 1 and list(served.experts) == TASKS and served.routed
+    assert load_served_run(str(run), stage=0).router is None  # one expert, nothing to route
+    with pytest.raises(ConfigError, match="not complete"):
+        load_served_run(str(run), stage=7)
+    with pytest.raises(ConfigError, match="runs/<run id>"):
+        load_served_run(str(tmp_path / "somewhere"))
+    # a MoELoRA run is refused with the reason, before anything is deployed
+    fake = tmp_path / "runs" / "moe"
+    fake.mkdir(parents=True)
+    manifest = json.loads((run / "manifest.json").read_text())
+    (fake / "manifest.json").write_text(json.dumps({**manifest, "method": "moelora"}))
+    (fake / "config.yaml").write_text((run / "config.yaml").read_text().replace("name: mr_lora", "name: moelora"))
+    with pytest.raises(ConfigError, match="PEFT"):
+        load_served_run(str(fake))
+
+
+def test_mixed_expert_batch_equals_one_adapter_at_a_time(run, synthetic_small):
+    """One generate over rows that use different experts gives each row its own expert's answer."""
+    from mllmcl.data.prompts import eval_prompt
+    from mllmcl.data.release import load_image
+    from mllmcl.serving.engine import Ensemble
+
+    served = load_served_run(str(run))
+    engine = Ensemble(served).engine
+    stream = _samples(synthetic_small)
+    rows = [(s, task.name) for task in stream for s in task.test[:4]]
+    rows = rows[::2] + rows[1::2]  # experts interleaved in the batch
+    texts, images = [eval_prompt(s) for s, _ in rows], [load_image(s.image) for s, _ in rows]
+    mixed = engine.generate(texts, images, [t for _, t in rows], [4] * len(rows))
+    for task in TASKS:
+        idx = [i for i, (_, t) in enumerate(rows) if t == task]
+        alone = engine.generate([texts[i] for i in idx], [images[i] for i in idx], [task] * len(idx), [4] * len(idx))
+        assert [mixed[i].text for i in idx] == [a.text for a in alone]
+        k = TASKS.index(task)
+        assert [mixed[i].text for i in idx] == [_oracle(run, k, task)[rows[i][0].uid] for i in idx]
+
+
+def test_evaluate_from_s3_matches_local(run, synthetic_small, s3_bucket):
+    """The run's artifacts in S3 serve the same answers (batch evaluation, in-process backend)."""
+    from mllmcl import storage
+    from mllmcl.serving.evaluate import evaluate_run
+
+    storage.upload_dir(str(run), f"{s3_bucket}/runs/served")
+    data = str(Path(synthetic_small) / "Domain_data" / "Med")
+    local = evaluate_run(str(run), data, backend="local", out=str(run.parent / "eval-local"))
+    remote = evaluate_run(f"{s3_bucket}/runs/served", data, backend="local")
+    assert remote.accuracy == local.accuracy and remote.experts_used == local.experts_used
+    assert remote.out_dir.startswith(s3_bucket) and storage.exists(storage.join(remote.out_dir, "scores.json"))
+
+
+# --------------------------------------------------------------------------- the service
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(run, ray_session):
+    from ray import serve
+
+    from mllmcl.serving.app import start
+
+    port = _free_port()
+    cfg = load_serve_config(None, [f"port={port}", f"app_name={APP}", "max_experts_per_replica=2",
+                                   "batch_wait_timeout_s=0.05", *LIMITS, "limits.max_prompt_tokens=300"])
+    start(str(run), cfg)
+    yield f"http://127.0.0.1:{port}"
+    serve.delete(APP)
+    serve.shutdown()
+
+
+def _post(url: str, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(f"{url}/v1/chat/completions", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def test_service_answers_like_the_stream_runner(run, service, synthetic_small):
+    from mllmcl import storage
+    from mllmcl.data.prompts import eval_prompt
+
+    final = _final(run)
+    samples = [s for task in _samples(synthetic_small) for s in task.test]
+    bodies = [chat_request(eval_prompt(s), storage.read_bytes(s.image)) for s in samples]
+    with ThreadPoolExecutor(12) as pool:  # concurrent: batches mix experts, and 3 experts share an LRU of 2
+        replies = list(pool.map(lambda b: _post(service, b), bodies))
+    for s, (status, out) in zip(samples, replies):
+        assert status == 200, out
+        want = final[s.uid]
+        assert (out["model"], out["choices"][0]["message"]["content"]) == (want["expert"], want["prediction"]), s.uid
+        assert out["mllmcl"]["routing"]["mode"] == "router"
+        assert out["object"] == "chat.completion" and out["usage"]["prompt_tokens"] > 0
+
+
+def test_pinned_experts_answer_like_each_expert(run, service, synthetic_small):
+    from ray import serve
+
+    from mllmcl import storage
+    from mllmcl.data.prompts import eval_prompt
+
+    samples = [s for task in _samples(synthetic_small) for s in task.test[:3]]
+    jobs = [(s, k, task) for s in samples for k, task in enumerate(TASKS)]  # every expert on every sample
+    bodies = [chat_request(eval_prompt(s), storage.read_bytes(s.image), model=task) for s, _, task in jobs]
+    with ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(lambda b: _post(service, b), bodies))
+    for (s, k, task), (status, out) in zip(jobs, replies):
+        assert status == 200 and out["model"] == task and out["mllmcl"]["routing"]["mode"] == "pinned"
+        if s.task == task:  # the stream runner cached expert k's answers on its own task's test split
+            assert out["choices"][0]["message"]["content"] == _oracle(run, k, task)[s.uid]
+    stats = serve.get_deployment_handle("experts", APP).stats.remote().result()
+    assert len(stats["loaded"]) <= 2 and stats["loads"] > len(TASKS), stats  # LRU evicted and reloaded
+    assert stats["mixed_forwards"] > 0 and stats["rows"] > stats["batches"], stats  # one forward, several experts
+
+
+def test_models_and_health(service):
+    models = _get(f"{service}/v1/models")
+    assert [m["id"] for m in models["data"]] == TASKS
+    assert [m["mllmcl"]["letter"] for m in models["data"]] == ["A", "B", "C"]
+    health = _get(f"{service}/healthz")
+    assert health["status"] == "ok" and health["routed"] and health["stage"] == len(TASKS) - 1
+
+
+def test_bad_requests_get_4xx_and_the_service_stays_up(service, synthetic_small):
+    from mllmcl import storage
+
+    sample = _samples(synthetic_small).tasks[0].test[0]
+    good = chat_request(sample.question, storage.read_bytes(sample.image))
+    for name, body, status, words in BAD_REQUESTS:
+        got, out = _post(service, body)
+        assert got == status and words in out["error"]["message"], (name, got, out)
+    raw = urllib.request.Request(f"{service}/v1/chat/completions", data=b"\x00" * 200_000,
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:  # a body beyond every limit is refused unread
+        urllib.request.urlopen(raw, timeout=60)
+    assert e.value.code == 413
+    status, out = _post(service, good)
+    assert status == 200 and out["choices"][0]["message"]["content"] is not None
+
+
+def test_evaluate_job_reproduces_the_stream_score(run, synthetic_small, ray_session, capsys):
+    """jobs/evaluate.py through Ray Data: same predictions, experts and score as the stream runner."""
+    import importlib.util
+
+    final = json.loads((run / "metrics" / "metrics.json").read_text())["final"]
+    spec = importlib.util.spec_from_file_location("evaluate_job", Path(__file__).parents[1] / "jobs" / "evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out = run.parent / "eval-ray"
+    data = Path(synthetic_small) / "Domain_data" / "AD"
+    assert job.main(["--run", str(run), "--data", str(data), "--out", str(out), "--batch-size", "4"]) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["accuracy"] == final["AD"] and scores["n"] == 6
+    stream_rows = read_predictions(str(run / "eval" / f"stage_{len(TASKS) - 1}" / "AD.parquet"))
+    rows = read_predictions(str(out / "AD.parquet"))
+    key = lambda r: (r.question_id, r.prediction, r.expert, r.score)  # noqa: E731
+    assert sorted(map(key, rows)) == sorted(map(key, stream_rows))
+    # bad input: a clear error and exit code 2, nothing written
+    assert job.main(["--run", str(run), "--data", str(data.parent / "Nope")]) == 2
+    assert "no test.json" in capsys.readouterr().err
