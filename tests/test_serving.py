@@ -308,3 +308,22 @@ def test_evaluate_job_reproduces_the_stream_score(run, synthetic_small, ray_sess
     # bad input: a clear error and exit code 2, nothing written
     assert job.main(["--run", str(run), "--data", str(data.parent / "Nope")]) == 2
     assert "no test.json" in capsys.readouterr().err
+
+
+def test_cluster_serve_config_builds_the_app(run):
+    """cluster/serve.yaml parses, names the app builder, and its overrides are valid settings;
+    the builder makes the application of a run (without deploying it)."""
+    import importlib
+
+    import yaml
+    from ray.serve import Application
+
+    doc = yaml.safe_load((Path(__file__).parents[1] / "cluster" / "serve.yaml").read_text())
+    app = doc["applications"][0]
+    module, _, name = app["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), name)
+    cfg = load_serve_config(None, app["args"]["overrides"])
+    assert cfg.experts.max_replicas >= cfg.experts.min_replicas >= 1 and doc["http_options"]["port"] == 8000
+    assert isinstance(builder({"run": str(run), "overrides": app["args"]["overrides"]}), Application)
+    with pytest.raises(ConfigError):
+        builder({"run": str(run), "overrides": ["experts.num_gpus=-1"]})
