@@ -16,7 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# the pinned CPU wheel first: an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev]'
+	# DeepSpeed's CPU comm op, compiled once into torch's extension cache (else on first use, ~50 s)
+	$(PY) -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load(verbose=False)" \
+	  || echo "warning: DeepSpeed's CPU comm op did not build (a C++ compiler is needed for scaling.strategy=deepspeed on CPU)"
 	touch $@
 
 demo: install

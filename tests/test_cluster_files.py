@@ -50,7 +50,8 @@ def test_ray_cluster_launcher_file():
     assert types[cfg["head_node_type"]].get("resources", {}).get("GPU", 0) == 0
     setup = "\n".join(cfg["setup_commands"])
     assert _installed_pins(setup) == {"torch": _pins()["torch"]}
-    assert re.search(r"pip install .*-e ~/mllmcl", setup), "setup must install the project (its pinned deps)"
+    assert re.search(r"pip install .*-e \"\$HOME/mllmcl\[deepspeed\]\"", setup), \
+        "setup must install the project (its pinned deps, DeepSpeed extra)"
     assert cfg["file_mounts"]["~/mllmcl"] == "."
 
 
@@ -61,7 +62,7 @@ def test_dockerfile_installs_the_pinned_versions():
     assert base and base.group(1) == pins["ray"], "the base image's Ray must be the pinned Ray"
     installed = _installed_pins(text)
     assert installed == {"torch": pins["torch"]}
-    assert re.search(r"pip install [^\n]*\s\.(\s|$)", text), "the image must install the project itself"
+    assert re.search(r"pip install [^\n]*\s\"\.\[deepspeed\]\"", text), "the image must install the project itself"
     for path in re.findall(r"^COPY\s+(?:--\S+\s+)*(.+?)\s+\S+$", text, re.M):
         for part in path.split():
             assert (ROOT / part).exists(), f"Dockerfile copies {part}, which does not exist"

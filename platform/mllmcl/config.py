@@ -30,6 +30,7 @@ class DataConfig:
     root: str = "synthetic"
     tasks: tuple[str, ...] = ()  # empty = the stream's full order
     verify_images: str = "exists"  # none | exists | decode
+    checksum_images: bool = False  # data_release.json: hash every image's bytes (default: names + sizes)
     limit: int = 0  # cap samples per split (0 = all); for smoke tests
     synthetic_train: int = 1000
     synthetic_test: int = 200
@@ -231,6 +232,9 @@ class ScalingConfig:
     eval_gpus: float = 0.0
     max_failures: int = 2  # a failed worker group restarts from the last checkpoint this often
     checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch, at most 10 per fit
+    strategy: str = "ddp"  # ddp | deepspeed (ZeRO; same loop, DeepSpeed's checkpoints)
+    zero_stage: int = 2  # deepspeed: 1, 2 (optimizer state + gradients partitioned) or 3 (+ parameters)
+    offload: str = "none"  # deepspeed: none | cpu (optimizer state, and parameters with stage 3, in host memory)
 
     def check(self) -> list[str]:
         p = []
@@ -246,6 +250,19 @@ class ScalingConfig:
             p.append(f"scaling.max_failures={self.max_failures}: must be >= 0")
         if self.checkpoint_every < 0:
             p.append(f"scaling.checkpoint_every={self.checkpoint_every}: must be >= 0")
+        if self.strategy not in ("ddp", "deepspeed"):
+            p.append(f"scaling.strategy={self.strategy!r}: expected ddp or deepspeed")
+        elif self.strategy == "deepspeed":
+            if self.backend != "ray":
+                p.append("scaling.strategy=deepspeed runs on Ray Train workers: use scaling.backend=ray")
+            if self.zero_stage not in (1, 2, 3):
+                p.append(f"scaling.zero_stage={self.zero_stage}: expected 1, 2 or 3")
+            if self.offload not in ("none", "cpu"):
+                p.append(f"scaling.offload={self.offload!r}: expected none or cpu")
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                p.append("scaling.strategy=deepspeed needs DeepSpeed: DS_BUILD_OPS=0 pip install -e '.[deepspeed]'")
         return p
 
 

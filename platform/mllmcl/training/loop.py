@@ -74,6 +74,23 @@ def make_optimizer(model, settings: TrainSettings, total_steps: int):
     return opt, cosine_with_warmup(opt, total_steps, settings.warmup_ratio)
 
 
+class TorchStepper:
+    """Plain PyTorch (and DDP) updates: backward per micro-batch, then clip, step, schedule."""
+
+    def __init__(self, params, optimizer, scheduler, grad_clip: float):
+        self.params, self.optimizer, self.scheduler, self.grad_clip = params, optimizer, scheduler, grad_clip
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 def _answer_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
@@ -83,11 +100,17 @@ def train_steps(model, collator: Collator, pixels: PixelCache, samples: Sequence
                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 extra_loss: Callable[[torch.nn.Module], torch.Tensor | None] | None = None,
                 autocast: Callable | None = None, on_step: Callable[[int, float], None] | None = None,
-                progress: bool = False, desc: str = "train") -> list[float]:
-    """Run steps ``start_step .. num_steps-1``; return the (global) loss of each step run."""
+                stepper=None, progress: bool = False, desc: str = "train") -> list[float]:
+    """Run steps ``start_step .. num_steps-1``; return the (global) loss of each step run.
+
+    ``stepper`` applies the update (default :class:`TorchStepper`; DeepSpeed brings its own,
+    see :mod:`mllmcl.training.strategy`).
+    """
     steps = settings.num_steps(len(samples))
     order = batch_order(len(samples), settings.batch_size, steps, settings.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    if stepper is None:
+        stepper = TorchStepper([p for p in model.parameters() if p.requires_grad], optimizer, scheduler,
+                               settings.grad_clip)
     model.train()
     losses = []
     for step in tqdm(range(start_step, steps), desc=desc, disable=not progress, leave=False,
@@ -113,13 +136,9 @@ def train_steps(model, collator: Collator, pixels: PixelCache, samples: Sequence
                 reg = extra_loss(model)
                 if reg is not None:
                     loss = loss + reg
-            loss.backward()
+            stepper.backward(loss, last=j == len(batches) - 1)
             step_loss += loss.detach() / world
-        if settings.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        stepper.step()
         value = float(all_reduce(step_loss.clone()) if all_reduce else step_loss)
         losses.append(value)
         if on_step is not None:

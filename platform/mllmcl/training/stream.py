@@ -17,6 +17,7 @@ import yaml
 
 from mllmcl import storage
 from mllmcl.config import Config
+from mllmcl.data.checksums import release_changes, release_manifest
 from mllmcl.data.source import load_configured_stream
 from mllmcl.data.types import Sample
 from mllmcl.errors import ConfigError
@@ -37,7 +38,7 @@ from mllmcl.training.request import sample_to_dict
 log = logging.getLogger(__name__)
 
 # settings that may change when a run is resumed (they do not change its results)
-RESUMABLE_CHANGES = ("run.progress", "scaling.", "eval.batch_size", "storage.root")
+RESUMABLE_CHANGES = ("run.progress", "scaling.", "eval.batch_size", "storage.root", "data.checksum_images")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -222,11 +223,21 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
     else:
         manifest = Manifest(run_id=run_id, method=cfg.method.name, stream=stream.name, tasks=stream.task_names,
                             config_hash=config_hash(identity(cfg)))
+    release = release_manifest(stream, cfg.data.checksum_images)
+    release_uri = layout.path("data_release.json")
+    if manifest.stages and storage.exists(release_uri):
+        changes = release_changes(storage.read_json(release_uri), release)
+        if changes:
+            raise ConfigError([f"run {run_id!r}: the data release changed since the run started; use a new run.id "
+                               f"(or restore the data)"] + changes)
     sc = cfg.scaling
     prov = provenance(cfg.to_dict(), seed=cfg.run.seed, workers=sc.num_workers,
                       effective_batch=cfg.train.batch_size, per_worker_batch=cfg.train.batch_size / sc.num_workers /
                       cfg.train.grad_accum, grad_accum=cfg.train.grad_accum, data_root=stream.root,
                       model_path=model_path)
+    prov["data_release"] = {"digest": release["digest"], "manifest": "data_release.json",
+                            "images": "content" if cfg.data.checksum_images else "listing"}
+    storage.write_json(release_uri, release)
     storage.write_text(layout.config, yaml.safe_dump({"config": cfg.to_dict(), "provenance": prov}, sort_keys=False))
 
     if sc.backend == "local":

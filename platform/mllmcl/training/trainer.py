@@ -51,6 +51,7 @@ def _loop_config(request: TrainRequest, cfg: Config, model_path: str) -> dict:
     return {"request": request.to_config(), "model_path": model_path, "dtype": cfg.model.dtype,
             "threads": sc.threads_per_worker,  # 0: the worker uses its node's cores / local workers
             "mixed_precision": cfg.train.mixed_precision, "checkpoint_every": sc.checkpoint_every,
+            "strategy": sc.strategy, "zero_stage": sc.zero_stage, "offload": sc.offload,
             "inject_failure": _inject_failure(request)}
 
 

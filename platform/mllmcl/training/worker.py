@@ -174,7 +174,6 @@ def train_adapter(config: dict, session) -> None:
     recipe = get_recipe(request.recipe)(request)
     model = recipe.build(backbone.model)
     device = session.device
-    model = session.prepare(model)
     use_cuda = device.type == "cuda"
     mp = config.get("mixed_precision", "auto")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.bfloat16 if (mp == "auto" and use_cuda)
@@ -185,11 +184,27 @@ def train_adapter(config: dict, session) -> None:
     # default: once per epoch, but at most AUTO_CHECKPOINTS per fit (a router trains 30 epochs of 3 steps)
     every = config["checkpoint_every"] or max(settings.steps_per_epoch(len(request.samples)),
                                               math.ceil(steps / AUTO_CHECKPOINTS))
-    optimizer, scheduler = make_optimizer(model, settings, steps)
+    ds = None  # scaling.strategy=deepspeed: the DeepSpeed engine of this fit
+    if config.get("strategy", "ddp") == "deepspeed":
+        from mllmcl.training.strategy import DeepSpeedRun
+
+        model = model.to(device)
+        optimizer, scheduler = make_optimizer(model, settings, steps)
+        bf16 = use_cuda and amp_dtype is torch.bfloat16
+        ds = DeepSpeedRun(model, optimizer, scheduler, batch_size=settings.batch_size, world=world,
+                          zero_stage=int(config.get("zero_stage", 2)), offload=config.get("offload", "none"),
+                          grad_clip=settings.grad_clip, bf16=bf16)
+        if bf16:
+            autocast = None  # DeepSpeed runs the model in bf16 itself
+        train_model, stepper = ds.engine, ds.stepper
+    else:
+        model = session.prepare(model)
+        optimizer, scheduler = make_optimizer(model, settings, steps)
+        train_model, stepper = model, None
     start = 0
     with session.latest_checkpoint() as d:
         if d is not None:
-            start = _load_state(model, optimizer, scheduler, d)
+            start = ds.load(d) if ds is not None else _load_state(model, optimizer, scheduler, d)
     if start:
         log.info("rank %d resumes %s/%s at step %d of %d", rank, request.task, request.kind, start, steps)
 
@@ -213,18 +228,29 @@ def train_adapter(config: dict, session) -> None:
                        "seconds": time.time() - t0}
             recent.clear()
             with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    _save_state(model, optimizer, scheduler, done, tmp)
-                session.report(metrics, tmp if rank == 0 else None)
+                if ds is not None:  # every rank writes its optimizer shard; Ray Train merges the files
+                    ds.save(tmp, done)
+                    session.report(metrics, tmp)
+                else:
+                    if rank == 0:
+                        _save_state(model, optimizer, scheduler, done, tmp)
+                    session.report(metrics, tmp if rank == 0 else None)
         _maybe_inject_failure(config, done, rank)
 
     if start < steps:
-        train_steps(model, backbone.collator, pixels, request.samples, settings, optimizer, scheduler,
+        train_steps(train_model, backbone.collator, pixels, request.samples, settings, optimizer, scheduler,
                     start_step=start, rank=rank, world=world, all_reduce=all_reduce, autocast=autocast,
-                    extra_loss=recipe.extra_loss, on_step=on_step)
-    if rank == 0:
-        meta = {"task": request.task, "stage": request.stage, "kind": request.kind, "steps": steps,
-                "samples": len(request.samples), "workers": world, "effective_batch": settings.batch_size,
-                "train": config["request"]["train"], "lora": config["request"]["lora"],
-                "init_adapter": request.init_adapter, "base_model": config["model_path"], **request.meta}
-        recipe.save(model, request.output_uri, meta)
+                    extra_loss=recipe.extra_loss, on_step=on_step, stepper=stepper)
+    with ds.full_parameters(model) if ds is not None else contextlib.nullcontext():
+        if rank == 0:
+            _save_final(recipe, model, request, config, steps, world)
+
+
+def _save_final(recipe, model, request, config: dict, steps: int, world: int) -> None:
+    """Rank 0 writes the finished adapter and what trained it to the run's storage."""
+    meta = {"task": request.task, "stage": request.stage, "kind": request.kind, "steps": steps,
+            "samples": len(request.samples), "workers": world, "effective_batch": request.train.batch_size,
+            "strategy": config.get("strategy", "ddp"),
+            "train": config["request"]["train"], "lora": config["request"]["lora"],
+            "init_adapter": request.init_adapter, "base_model": config["model_path"], **request.meta}
+    recipe.save(model, request.output_uri, meta)
