@@ -9,7 +9,6 @@ and reloads experts during the test.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import socket

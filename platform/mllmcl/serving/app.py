@@ -22,6 +22,7 @@ from ray import serve
 from mllmcl.serving.config import ServeConfig, load_serve_config
 from mllmcl.serving.protocol import RequestError, completion_response, max_body_bytes, parse_chat_request
 from mllmcl.serving.run import ServedRun, load_served_run
+from mllmcl.storage.layout import relative_adapter
 
 log = logging.getLogger("mllmcl.serving")
 
@@ -200,17 +201,9 @@ class _TokenCounter:
                                         f"{self.context}", "messages", "context_length_exceeded")
 
 
-def _relative(uri: str | None, run_dir: str) -> str | None:
-    if uri is None:
-        return None
-    return uri[len(run_dir):].strip("/") if uri.startswith(run_dir) else uri
-
-
 @serve.ingress(api)
 class _Ingress:
     def __init__(self, run: ServedRun, cfg: ServeConfig, router, pool):
-        from mllmcl.serving.engine import AdapterEngine  # noqa: F401  (import check before traffic)
-
         self.run, self.cfg, self.router, self.pool = run, cfg, router, pool
         self.names = list(run.experts)
         self.limits = cfg.limits
@@ -229,7 +222,7 @@ class _Ingress:
 
         data = [{"id": name, "object": "model", "owned_by": "mllmcl",
                  "mllmcl": {"letter": LETTERS[i], "stage": self.run.stage, "run_id": self.run.run_id,
-                            "adapter": _relative(uri, self.run.run_uri)}}
+                            "adapter": None if uri is None else relative_adapter(uri, self.run.run_uri)}}
                 for i, (name, uri) in enumerate(self.run.experts.items())]
         return {"object": "list", "data": data}
 

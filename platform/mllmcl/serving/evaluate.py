@@ -19,6 +19,7 @@ from mllmcl.data.streams import STREAMS, get_stream_spec
 from mllmcl.data.types import TaskSpec
 from mllmcl.errors import DataError
 from mllmcl.serving.run import ServedRun, load_served_run
+from mllmcl.storage.layout import relative_adapter
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def evaluate_run(run_uri: str, data: str, *, task: str | None = None, out: str |
                                           concurrency=concurrency, num_cpus=num_cpus, num_gpus=num_gpus,
                                           threads=threads)}
     experts = [res[s.uid]["expert"] for s in samples]
-    adapters = [_rel(run.experts[e], run.run_uri) for e in experts]
+    adapters = [relative_adapter(run.experts[e], run.run_uri) for e in experts]
     ev = score_predictions(spec, samples, [res[s.uid]["prediction"] for s in samples], stage=run.stage,
                            experts=adapters)
     if out is None:
@@ -138,8 +139,3 @@ def evaluate_run(run_uri: str, data: str, *, task: str | None = None, out: str |
                                                           "method": run.method})
     return result
 
-
-def _rel(uri: str | None, run_dir: str) -> str:
-    if uri is None:
-        return "base"
-    return uri[len(run_dir):].strip("/") if uri.startswith(run_dir) else uri

@@ -19,6 +19,13 @@ from dataclasses import dataclass
 from mllmcl.storage.fs import join
 
 
+def relative_adapter(uri: str | None, run_dir: str) -> str:
+    """An adapter as predictions name it: its path inside the run (``base`` for no adapter)."""
+    if uri is None:
+        return "base"
+    return uri[len(run_dir):].strip("/") if uri.startswith(run_dir) else uri
+
+
 @dataclass(frozen=True)
 class RunLayout:
     root: str

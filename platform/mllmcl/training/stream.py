@@ -31,7 +31,7 @@ from mllmcl.methods.base import Stage
 from mllmcl.models.adapters import adapter_exists
 from mllmcl.models.loading import resolve_checkpoint
 from mllmcl.provenance import config_hash, provenance
-from mllmcl.storage.layout import RunLayout
+from mllmcl.storage.layout import RunLayout, relative_adapter
 from mllmcl.storage.manifest import Manifest
 from mllmcl.training.request import sample_to_dict
 
@@ -284,7 +284,7 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
         answers = method.answer(stage, predictor)
         scores, oracle = {}, {}
         for j, seen in enumerate(stage.seen):
-            experts = [_rel(a, layout) for a in answers.experts[seen.name]]
+            experts = [relative_adapter(a, layout.run_dir) for a in answers.experts[seen.name]]
             ev = score_predictions(seen.spec, seen.test, answers.predictions[seen.name], stage=k, experts=experts)
             write_predictions(ev.rows, layout.predictions(k, seen.name))
             scores[seen.name] = ev.accuracy
@@ -319,12 +319,6 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
     manifest.status = "complete"
     manifest.save(layout)
     return StreamResult(run_id, layout.run_dir, matrix, metrics, trained, time.time() - t_start)
-
-
-def _rel(adapter: str | None, layout: RunLayout) -> str:
-    if adapter is None:
-        return "base"
-    return adapter[len(layout.run_dir):].strip("/") if adapter.startswith(layout.run_dir) else adapter
 
 
 def _metrics(cfg: Config, tasks: list[str], matrix: AccuracyMatrix, oracle_rows: list[dict], info: list[dict],
