@@ -45,12 +45,10 @@ class _RouterDeployment:
     async def _route_batch(self, items: list[tuple[str, bytes]]) -> list[dict]:
         from mllmcl.serving.engine import decode_image, route
 
-        def work():
-            images = [decode_image(b) for _, b in items]
-            return route(self.engine, self.run.specs, [q for q, _ in items], images,
-                         fallback=self.run.router_fallback, seed=self.run.seed)
-
-        return [r.to_dict() for r in await asyncio.to_thread(work)]
+        # the forward runs on the replica's loop (see the expert pool: batches grow while it runs)
+        images = [decode_image(b) for _, b in items]
+        return [r.to_dict() for r in route(self.engine, self.run.specs, [q for q, _ in items], images,
+                                           fallback=self.run.router_fallback, seed=self.run.seed)]
 
     async def route(self, question: str, image: bytes) -> dict:
         return await self._route_batch((question, image))
@@ -136,15 +134,16 @@ def expert_pool_class(max_experts: int):
                 loaded = {n: await self.get_expert(n) for n in chunk}
                 self._delete_retired()
                 rows = [i for i, it in enumerate(items) if it[0] in chunk]
-
-                def work(rows=rows, loaded=loaded):
-                    images = [decode_image(items[i][2]) for i in rows]
-                    return self.engine.generate([items[i][1] for i in rows], images,
-                                                [loaded[items[i][0]].adapter for i in rows],
-                                                [items[i][3] for i in rows])
-
+                # The forward runs on the replica's loop, not in a thread: requests that arrive
+                # meanwhile wait in Ray and join the next batch together, where a thread would
+                # fight the loop for the GIL and let Serve cut many small batches (measured:
+                # ~1.4 rows per batch in a thread, ~16 on the loop, 32 clients).
                 t0 = time.perf_counter()
-                for i, c in zip(rows, work()):
+                images = [decode_image(items[i][2]) for i in rows]
+                answers = self.engine.generate([items[i][1] for i in rows], images,
+                                               [loaded[items[i][0]].adapter for i in rows],
+                                               [items[i][3] for i in rows])
+                for i, c in zip(rows, answers):
                     out[i] = c.to_dict()
                 self.counts["model_seconds"] += time.perf_counter() - t0
                 self.counts["forwards"] += 1
