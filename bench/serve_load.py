@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=512)
     ap.add_argument("--batch", type=int, default=32, help="max_batch_size of the batched configurations")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per model replica")
-    ap.add_argument("--wait", type=float, default=0.05, help="batch_wait_timeout_s of the batched configurations")
+    ap.add_argument("--wait", type=float, default=0.15, help="batch_wait_timeout_s of the batched configurations")
     ap.add_argument("--configs", default="mixed,routed,one,base")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
