@@ -98,3 +98,13 @@ def test_method_options_of_the_newer_baselines_are_checked():
         load_config(None, ["method.moe_gate=topk", "method.moe_top_k=5"])
     with pytest.raises(ConfigError, match="scaling.backend='spark'"):
         load_config(None, ["scaling.backend=spark"])
+
+
+def test_epochs_per_task():
+    cfg = load_config(None, ["train.epochs_per_task=[1, 3, 1, 2, 1]", "train.epochs=8"])
+    assert [cfg.train.settings(0, k).epochs for k in range(5)] == [1, 3, 1, 2, 1]
+    assert cfg.train.settings(0).epochs == 8  # no stage: the general value
+    with pytest.raises(ConfigError, match="2 values for 3 tasks"):
+        load_config(None, ["train.epochs_per_task=[1, 3]", "data.tasks=[RS,Med,AD]"])
+    with pytest.raises(ConfigError, match="must be > 0"):
+        load_config(None, ["train.epochs_per_task=[1, 0, 1, 1, 1]"])

@@ -100,6 +100,7 @@ class LoraConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: float = 8.0
+    epochs_per_task: tuple[float, ...] = ()  # one per task of the stream, in order (overrides epochs)
     max_steps: int = 0  # 0 = no cap
     batch_size: int = 16  # effective (global) batch: split over workers and accumulation steps
     grad_accum: int = 1
@@ -113,6 +114,8 @@ class TrainConfig:
         p = []
         if self.epochs <= 0:
             p.append(f"train.epochs={self.epochs}: must be > 0")
+        if any(e <= 0 for e in self.epochs_per_task):
+            p.append(f"train.epochs_per_task={list(self.epochs_per_task)}: every value must be > 0")
         if self.max_steps < 0:
             p.append(f"train.max_steps={self.max_steps}: must be >= 0")
         if self.batch_size < 1:
@@ -127,10 +130,12 @@ class TrainConfig:
             p.append(f"train.mixed_precision={self.mixed_precision!r}: expected auto, bf16, fp16 or no")
         return p
 
-    def settings(self, seed: int):
+    def settings(self, seed: int, stage: int | None = None):
+        """The fine-tuning settings; ``stage`` picks its entry of ``epochs_per_task``."""
         from mllmcl.training.loop import TrainSettings
 
-        return TrainSettings(epochs=self.epochs, max_steps=self.max_steps or None, batch_size=self.batch_size,
+        epochs = self.epochs_per_task[stage] if self.epochs_per_task and stage is not None else self.epochs
+        return TrainSettings(epochs=epochs, max_steps=self.max_steps or None, batch_size=self.batch_size,
                              lr=self.lr, warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
                              grad_clip=self.grad_clip, seed=seed, grad_accum=self.grad_accum)
 
@@ -306,6 +311,16 @@ class Config:
         out: list[str] = []
         for f in fields(self):
             out += getattr(self, f.name).check()
+        if self.train.epochs_per_task:
+            from mllmcl.data.streams import get_stream_spec
+
+            try:
+                n = len(self.data.tasks) or len(get_stream_spec(self.data.stream).task_names)
+            except KeyError:
+                n = None  # the stream name is reported by data.check
+            if n is not None and len(self.train.epochs_per_task) != n:
+                out.append(f"train.epochs_per_task has {len(self.train.epochs_per_task)} values for {n} tasks "
+                           f"(one per task of the stream, in order)")
         if self.method.name == "moelora" and self.method.moe_experts >= 1 and self.lora.rank % self.method.moe_experts:
             out.append(f"lora.rank={self.lora.rank} must be a multiple of method.moe_experts={self.method.moe_experts} "
                        f"(each MoELoRA expert has rank lora.rank / moe_experts)")

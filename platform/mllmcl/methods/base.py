@@ -132,7 +132,7 @@ def request(stage: Stage, kind: str, samples: Sequence[Sample], output_uri: str,
             lora=None, train=None, recipe: str = "lora", recipe_args: dict | None = None, **meta) -> TrainRequest:
     cfg = stage.cfg
     return TrainRequest(stage=stage.k, task=stage.task.name, kind=kind, samples=list(samples), output_uri=output_uri,
-                        lora=lora or cfg.lora.settings(), train=train or cfg.train.settings(cfg.run.seed + stage.k),
+                        lora=lora or cfg.lora.settings(), train=train or cfg.train.settings(cfg.run.seed + stage.k, stage.k),
                         init_adapter=init_adapter, meta=meta, recipe=recipe, recipe_args=recipe_args or {})
 
 
