@@ -82,7 +82,7 @@ class ServeConfig:
     dtype: str = ""  # "" = the run's model.dtype
     base_only: bool = False  # serve the base model without adapters (a baseline, and the throughput ceiling)
     max_batch_size: int = 32  # rows in one forward (router and experts)
-    batch_wait_timeout_s: float = 0.005
+    batch_wait_timeout_s: float = 0.005  # longer (0.05-0.15) forms bigger batches under heavy load (bench/serve_load.py)
     max_experts_per_replica: int = 8  # LRU of loaded experts per expert-pool replica (Serve multiplexing)
     limits: LimitSettings = field(default_factory=LimitSettings)
     ingress: DeploymentSettings = field(default_factory=DeploymentSettings)
