@@ -175,3 +175,51 @@ def test_moelora_settings_are_validated():
         MoELoraSettings(experts=2, gate="topk", top_k=3)
     with pytest.raises(ValueError, match="gate"):
         MoELoraSettings(gate="hash")
+
+
+def test_experts_train_their_own_projector(tmp_path, stream_overrides, small_tiny_path, synthetic_small):
+    """lora.train_projector=true: each expert stores a trained copy of the vision projector in its
+    adapter (PEFT modules_to_save), the base projector is untouched, and the experts' copies differ;
+    the run's evaluation (and serving) load it with the adapter."""
+    import torch
+    from peft.utils import load_peft_weights
+
+    from mllmcl.config import load_config
+    from mllmcl.errors import ConfigError
+    from mllmcl.models import load_backbone
+    from mllmcl.training.stream import run_stream
+
+    cfg = load_config(None, [*stream_overrides, "scaling.backend=local", "method.name=mr_lora", "train.lr=0.01",
+                             "train.max_steps=10", "lora.train_projector=true", "data.tasks=[RS,Med]",
+                             f"storage.root={tmp_path}"])
+    res = run_stream(cfg, "projector")
+    base = {k: v for k, v in load_backbone(str(small_tiny_path)).model.state_dict().items() if "multi_modal_projector" in k}
+    copies = []
+    for k, task in enumerate(["RS", "Med"]):
+        w = load_peft_weights(str(tmp_path / "runs" / "projector" / "tasks" / f"{k}_{task}" / "expert"))
+        proj = {n: t for n, t in w.items() if "multi_modal_projector" in n}
+        assert proj, f"{task}: no projector weights in the adapter"
+        copies.append(proj)
+        assert any(not torch.equal(t, base[next(b for b in base if b.endswith(n.split("multi_modal_projector.")[-1]
+                                                                       .replace("modules_to_save.", "")))])
+                   for n, t in proj.items()), "the projector copy did not train"
+    assert any(not torch.equal(copies[0][n], copies[1][n]) for n in copies[0])
+    router = load_peft_weights(str(tmp_path / "runs" / "projector" / "tasks" / "1_Med" / "router"))
+    assert not any("multi_modal_projector" in n for n in router)  # the router keeps the base projector
+    assert len(res.matrix.rows) == 2
+    # serving's one-forward mixed batch gives each row its own expert's projector too
+    from mllmcl.data.prompts import eval_prompt
+    from mllmcl.data.release import load_image, load_stream
+    from mllmcl.serving.engine import Ensemble
+    from mllmcl.serving.run import load_served_run
+
+    engine = Ensemble(load_served_run(res.run_dir)).engine
+    rows = [(s, t.name) for t in load_stream(str(synthetic_small), "dcl", ["RS", "Med"]) for s in t.test[:3]]
+    texts, images = [eval_prompt(s) for s, _ in rows], [load_image(s.image) for s, _ in rows]
+    mixed = engine.generate(texts, images, [t for _, t in rows], [4] * len(rows))
+    for task in ("RS", "Med"):
+        idx = [i for i, (_, t) in enumerate(rows) if t == task]
+        alone = engine.generate([texts[i] for i in idx], [images[i] for i in idx], [task] * len(idx), [4] * len(idx))
+        assert [mixed[i].text for i in idx] == [a.text for a in alone]
+    with pytest.raises(ConfigError, match="train_projector"):
+        load_config(None, ["lora.train_projector=true", "method.name=olora"])

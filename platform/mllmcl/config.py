@@ -78,6 +78,7 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    train_projector: bool = False  # each adapter also trains (and stores) its own copy of the vision projector
 
     def check(self) -> list[str]:
         p = []
@@ -94,7 +95,7 @@ class LoraConfig:
     def settings(self):
         from mllmcl.models.lora import LoraSettings
 
-        return LoraSettings(self.rank, self.alpha, self.dropout, tuple(self.target_modules))
+        return LoraSettings(self.rank, self.alpha, self.dropout, tuple(self.target_modules), self.train_projector)
 
 
 @dataclass(frozen=True)
@@ -321,6 +322,9 @@ class Config:
             if n is not None and len(self.train.epochs_per_task) != n:
                 out.append(f"train.epochs_per_task has {len(self.train.epochs_per_task)} values for {n} tasks "
                            f"(one per task of the stream, in order)")
+        if self.lora.train_projector and self.method.name in ("olora", "moelora"):
+            out.append(f"lora.train_projector: not supported by {self.method.name} (its adapters are merged or "
+                       f"gated per layer); use it with mr_lora, lora_ft, replay or joint")
         if self.method.name == "moelora" and self.method.moe_experts >= 1 and self.lora.rank % self.method.moe_experts:
             out.append(f"lora.rank={self.lora.rank} must be a multiple of method.moe_experts={self.method.moe_experts} "
                        f"(each MoELoRA expert has rank lora.rank / moe_experts)")

@@ -9,6 +9,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 # every linear layer of a Llama-style language model; the vision tower, the
 # projector and lm_head are never wrapped.
 LANGUAGE_MODEL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# LLaVA's vision-to-language projector, by its linear layers: PEFT batches rows of different
+# adapters through wrapped Linear modules (serving), not through a wrapped composite module
+PROJECTOR_LINEARS = ("multi_modal_projector.linear_1", "multi_modal_projector.linear_2")
 
 
 def language_model_target_regex(modules=LANGUAGE_MODEL_LINEARS) -> str:
@@ -21,10 +24,12 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: tuple[str, ...] = LANGUAGE_MODEL_LINEARS
+    train_projector: bool = False  # also train a copy of the vision projector, saved in the adapter (as MR-LoRA)
 
     def peft_config(self) -> LoraConfig:
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=language_model_target_regex(self.target_modules), bias="none")
+                          target_modules=language_model_target_regex(self.target_modules), bias="none",
+                          modules_to_save=list(PROJECTOR_LINEARS) if self.train_projector else None)
 
 
 def attach_lora(model, settings: LoraSettings, adapter_name: str = "default") -> PeftModel:
