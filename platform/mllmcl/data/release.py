@@ -246,6 +246,13 @@ def load_stream(root: str, stream: str = "dcl", tasks: Iterable[str] | None = No
     return Stream(name=spec.name, root=str(root), tasks=tuple(loaded))
 
 
+def decode_image(data: bytes) -> Image.Image:
+    """An encoded image as RGB (files and service requests go through the same conversion)."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return im.convert("RGB")
+
+
 def load_image(uri: str) -> Image.Image:
     """Open an image as RGB; a missing or corrupt file raises :class:`DataError` naming it."""
     try:
@@ -253,8 +260,6 @@ def load_image(uri: str) -> Image.Image:
     except (FileNotFoundError, OSError) as e:
         raise DataError(f"{uri}: image cannot be read ({e.__class__.__name__}: {e})") from None
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.convert("RGB")
+        return decode_image(data)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{uri}: corrupt or unsupported image ({e})") from None

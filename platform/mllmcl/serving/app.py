@@ -43,7 +43,8 @@ class _RouterDeployment:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _route_batch(self, items: list[tuple[str, bytes]]) -> list[dict]:
-        from mllmcl.serving.engine import decode_image, route
+        from mllmcl.data.release import decode_image
+        from mllmcl.serving.engine import route
 
         # the forward runs on the replica's loop (see the expert pool: batches grow while it runs)
         images = [decode_image(b) for _, b in items]
@@ -125,7 +126,7 @@ def expert_pool_class(max_experts: int):
                 return await self._answer(items)
 
         async def _answer(self, items: list[tuple[str, str, bytes, int]]) -> list[dict]:
-            from mllmcl.serving.engine import decode_image
+            from mllmcl.data.release import decode_image
 
             out: list[dict | None] = [None] * len(items)
             names = list(dict.fromkeys(e for e, _, _, _ in items))

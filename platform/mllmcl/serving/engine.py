@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import logging
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -16,6 +15,7 @@ from typing import Sequence
 import torch
 
 log = logging.getLogger(__name__)
+
 
 BASE_ROW = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
 ROUTER = "router"
@@ -40,15 +40,6 @@ class Route:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def decode_image(data: bytes):
-    """RGB image from encoded bytes (the same conversion the data reader applies to files)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return im.convert("RGB")
 
 
 class AdapterEngine:
@@ -95,9 +86,6 @@ class AdapterEngine:
 
     def pixels(self, images: Sequence) -> torch.Tensor:
         return self.backbone.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-
-    def prompt_tokens(self, text: str) -> int:
-        return len(self.collator._ids(self.collator.chat.prompt(text)))
 
     # ------------------------------------------------------------------ generation
 
