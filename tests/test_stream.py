@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mllmcl.config import load_config
 from mllmcl.methods import registered_methods
@@ -81,9 +82,18 @@ def test_resume_refuses_a_different_config(ray_session, runs_root, stream_overri
     from mllmcl.errors import ConfigError
 
     cfg = _cfg(runs_root, stream_overrides, TWO, "method.name=zero_shot")
-    run_stream(cfg, "zs-fixed")
+    first = run_stream(cfg, "zs-fixed")
     with pytest.raises(ConfigError, match="train.lr"):
         run_stream(_cfg(runs_root, stream_overrides, TWO, "method.name=zero_shot", "train.lr=0.1"), "zs-fixed")
+    # a run made before a setting existed resumes under that setting's default, and only under it
+    stored = runs_root / "runs" / "zs-fixed" / "config.yaml"
+    doc = yaml.safe_load(stored.read_text())
+    del doc["config"]["train"]["epochs_per_task"]
+    stored.write_text(yaml.safe_dump(doc))
+    assert run_stream(cfg, "zs-fixed").metrics == first.metrics
+    with pytest.raises(ConfigError, match=r"train.epochs_per_task: run has \[\], now \[2, 2\]"):
+        run_stream(_cfg(runs_root, stream_overrides, TWO, "method.name=zero_shot", "train.epochs_per_task=[2,2]"),
+                   "zs-fixed")
 
 
 def test_two_workers_match_one_and_a_killed_worker_resumes(ray_session, runs_root, stream_overrides, reference,
