@@ -98,29 +98,35 @@ def deploy(run_uri: str, port: int, name: str, overrides: list[str]) -> str:
     return f"http://127.0.0.1:{port}/{name}"
 
 
-def make_compute_run() -> str:
-    """A 5-expert MR-LoRA run on a 12 M-parameter VLM-shaped base (built once, cached)."""
+def make_compute_run(width: int = 512, steps: int = 120) -> str:
+    """A 5-expert MR-LoRA run on a VLM-shaped base with a ``width``-wide, 4-layer language
+    model (512: 12 M parameters; 1024: 40 M), ``steps`` per expert (built once, cached)."""
     from mllmcl.config import load_config
     from mllmcl.models.tiny import TinyVLMSpec, build_tiny_base
     from mllmcl.paths import cache_dir
     from mllmcl.training.stream import run_stream
 
-    base = build_tiny_base(TinyVLMSpec(text_hidden=512, text_layers=4, heads=8, vision_hidden=128,
+    base = build_tiny_base(TinyVLMSpec(text_hidden=width, text_layers=4, heads=width // 64, vision_hidden=128,
                                        pretrain_steps=20, pretrain_pool=256), progress=False)
     root = cache_dir() / "bench" / "serve-compute"
-    cfg = load_config(None, [f"model.path={base}", "data.stream=dcl", "data.limit=100", "train.max_steps=120",
+    cfg = load_config(None, [f"model.path={base}", "data.stream=dcl", "data.limit=100", f"train.max_steps={steps}",
                              "train.batch_size=16", "method.name=mr_lora", "method.router_epochs=5",
                              "eval.max_new_tokens=16", "scaling.backend=local", "run.progress=false",
                              f"storage.root={root}"])
-    return run_stream(cfg, "mr_lora-12m-v2").run_dir
+    run_id = "mr_lora-12m-v2" if (width, steps) == (512, 120) else f"mr_lora-w{width}-s{steps}"
+    return run_stream(cfg, run_id).run_dir
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default=None, help="an MR-LoRA run (<root>/runs/<id>)")
     ap.add_argument("--compute", action="store_true", help="benchmark a 12 M-parameter base instead (see above)")
+    ap.add_argument("--width", type=int, default=512, help="--compute: the language model's width (1024: 40 M)")
+    ap.add_argument("--steps", type=int, default=120, help="--compute: training steps per expert")
     ap.add_argument("--max-tokens", type=int, default=0, help="new tokens per request (0 = the expert's budget; "
                                                                "16 with --compute)")
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="every answer runs to --max-tokens (vLLM's ignore_eos): a generation-bound workload")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=512)
     ap.add_argument("--batch", type=int, default=32, help="max_batch_size of the batched configurations")
@@ -134,7 +140,7 @@ def main() -> None:
     from ray import serve
 
     if args.compute:
-        args.run = args.run or make_compute_run()
+        args.run = args.run or make_compute_run(args.width, args.steps)
         args.max_tokens = args.max_tokens or 16
     if not args.run:
         raise SystemExit("--run <uri> or --compute")
@@ -145,7 +151,11 @@ def main() -> None:
     samples = [samples[(i * 7919) % len(samples)] for i in range(args.requests)]  # a fixed spread over tasks
     images = {s.image: storage.read_bytes(s.image) for s in samples}
     names = list(run.experts)
+    if args.ignore_eos and not args.max_tokens:
+        raise SystemExit("--ignore-eos needs --max-tokens (or --compute)")
     extra = {"max_tokens": args.max_tokens} if args.max_tokens else {}
+    if args.ignore_eos:
+        extra["ignore_eos"] = True
     pinned = [chat_request(eval_prompt(s), images[s.image], model=s.task if s.task in names else names[0], **extra)
               for s in samples]
     routed = [chat_request(eval_prompt(s), images[s.image], **extra) for s in samples]
@@ -167,7 +177,8 @@ def main() -> None:
                 if "mixed" not in results:
                     raise SystemExit("the base configuration needs mixed's answer lengths: list mixed first")
                 lengths = [max(1, r["usage"]["completion_tokens"]) if r else 1 for r in results["mixed"]["replies"]]
-                bodies = [{**chat_request(eval_prompt(s), images[s.image]), "max_tokens": n}
+                bodies = [{**chat_request(eval_prompt(s), images[s.image]), "max_tokens": n,
+                           "ignore_eos": args.ignore_eos}
                           for s, n in zip(samples, lengths)]
             url = deploy(args.run, port, name, [*common, *overrides])
             print(f"{name}: deployed, {args.requests} requests from {args.clients} clients", flush=True)
@@ -182,6 +193,7 @@ def main() -> None:
         ray.shutdown()
 
     print(f"\nrun {run.run_id} ({len(names)} experts), {args.requests} requests, {args.clients} clients, "
+          f"{'exactly ' + str(args.max_tokens) + ' new tokens each, ' if args.ignore_eos else ''}"
           f"max_batch_size {args.batch}, {args.threads} torch thread(s) per replica")
     print("| configuration | req/s | p50 ms | p99 ms | failed |\n|---|---|---|---|---|")
     for name, r in results.items():

@@ -22,7 +22,7 @@ def test_tiny_base_is_a_normal_hf_folder(small_tiny_path):
     bb = load_backbone(str(small_tiny_path))
     assert type(bb.model).__name__ == "LlavaForConditionalGeneration"
     assert bb.meta["preset"] == "tiny-llava" and bb.meta["parameters"] > 100_000
-    assert bb.collator.n_image_tokens == 16
+    assert bb.family.name == "llava-1.5" and bb.collator.images.n_tokens == 16
 
 
 def test_tiny_build_is_deterministic_and_cached(small_tiny_spec, small_tiny_path, tmp_path, monkeypatch):
@@ -67,14 +67,16 @@ def test_lora_wraps_only_the_language_model(small_tiny_path):
 def test_train_batch_masks_the_prompt(small_tiny_path):
     bb = load_backbone(str(small_tiny_path))
     col = bb.collator
-    pix = torch.zeros(2, 3, 32, 32)
+    from mllmcl.models.vision import Pixels
+
+    pix = Pixels({"pixel_values": torch.zeros(2, 3, 32, 32)}, [16, 16])
     batch = col.train_batch(["Is there water?", "What colour is it? Answer briefly."], ["yes", "dark green"], pix)
     for i, ans in enumerate(["yes", "dark green"]):
         lab = batch["labels"][i]
         kept = lab[lab != IGNORE_INDEX].tolist()
         assert col.tok.decode(kept, skip_special_tokens=True).strip() == ans
         assert kept[-1] == col.tok.eos_token_id
-        # exactly n_image_tokens image placeholders per row
+        # exactly the image's tokens of image placeholders per row
         assert int((batch["input_ids"][i] == col.tok.convert_tokens_to_ids("<image>")).sum()) == 16
     loss = bb.model(**batch).loss
     assert torch.isfinite(loss)

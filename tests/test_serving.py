@@ -102,6 +102,10 @@ BAD_REQUESTS = [  # (name, body bytes, status, words in the message)
     ("streaming", json.dumps({**chat_request("hi", _png()), "stream": True}).encode(), 400, "streaming"),
     ("max_tokens out of range", json.dumps({**chat_request("hi", _png()), "max_tokens": 0}).encode(), 400,
      "max_tokens"),
+    ("min_tokens over max_tokens", json.dumps({**chat_request("hi", _png()), "max_tokens": 4, "min_tokens": 5}).encode(),
+     400, "min_tokens"),
+    ("ignore_eos without max_tokens", json.dumps({**chat_request("hi", _png()), "ignore_eos": True}).encode(), 400,
+     "ignore_eos needs max_tokens"),
 ]
 LIMITS = ["limits.max_image_bytes=20000", "limits.max_image_pixels=40000", "limits.max_text_chars=2000"]
 
@@ -119,7 +123,10 @@ def test_parse_accepts_a_good_request():
     image = _png()
     req = parse_chat_request(json.dumps({**chat_request("What is it?", image, model="Med"), "max_tokens": 7}).encode(),
                              LimitSettings(), {"RS": "x", "Med": "y"})
-    assert (req.text, req.image, req.model, req.max_tokens) == ("What is it?", image, "Med", 7)
+    assert (req.text, req.image, req.model, req.max_tokens, req.min_tokens) == ("What is it?", image, "Med", 7, 0)
+    fixed = parse_chat_request(json.dumps({**chat_request("q", image), "max_tokens": 6, "ignore_eos": True}).encode(),
+                               LimitSettings(), {"RS": "x"})
+    assert (fixed.max_tokens, fixed.min_tokens) == (6, 6)
     auto = parse_chat_request(json.dumps(chat_request("q", image, model="auto")).encode(), LimitSettings(), {"RS": "x"})
     assert auto.model is None
 
@@ -172,6 +179,15 @@ def test_mixed_expert_batch_equals_one_adapter_at_a_time(run, synthetic_small):
         assert [mixed[i].text for i in idx] == [a.text for a in alone]
         k = TASKS.index(task)
         assert [mixed[i].text for i in idx] == [_oracle(run, k, task)[rows[i][0].uid] for i in idx]
+    # per-row minimum lengths (``min_tokens``): rows with a minimum run on, the others answer as before
+    floor = [6 if i % 2 else 0 for i in range(len(rows))]
+    longer = engine.generate(texts, images, [t for _, t in rows], [6] * len(rows), floor)
+    for i, (a, b) in enumerate(zip(mixed, longer)):
+        if floor[i]:
+            assert (b.completion_tokens, b.finish_reason) == (6, "length")
+        else:
+            assert b.text == a.text
+    assert any(a.completion_tokens < 6 for a in mixed)  # else the minimum changed nothing
 
 
 def test_evaluate_from_s3_matches_local(run, synthetic_small, s3_bucket):
@@ -285,6 +301,8 @@ def test_bad_requests_get_4xx_and_the_service_stays_up(service, synthetic_small)
     assert e.value.code == 413
     status, out = _post(service, good)
     assert status == 200 and out["choices"][0]["message"]["content"] is not None
+    status, out = _post(service, {**good, "max_tokens": 9, "ignore_eos": True})  # vLLM's fixed-length extension
+    assert status == 200 and out["usage"]["completion_tokens"] == 9 and out["choices"][0]["finish_reason"] == "length"
 
 
 def test_evaluate_job_reproduces_the_stream_score(run, synthetic_small, ray_session, capsys):

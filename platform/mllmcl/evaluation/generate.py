@@ -66,4 +66,4 @@ def evaluate_task(model, collator: Collator, pixels: PixelCache, spec: TaskSpec,
 
 
 def pixel_cache_for(collator: Collator, capacity: int = 20000) -> PixelCache:
-    return PixelCache(collator.processor, load_image, capacity=capacity)
+    return PixelCache(collator.images, load_image, capacity=capacity)

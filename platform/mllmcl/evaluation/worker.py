@@ -27,7 +27,7 @@ class ModelWorker:
         self.backbone = load_backbone(model_path, dtype)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.backbone.model.to(self.device)
-        self.pixels = PixelCache(self.backbone.processor, load_image)
+        self.pixels = PixelCache(self.backbone.collator.images, load_image)
         self.peft = None
         self.loaded: OrderedDict[str, str] = OrderedDict()  # cache key -> adapter name
         self.max_adapters = max_adapters

@@ -1,4 +1,8 @@
-"""Prompt formats per model family (the text around the image and the question)."""
+"""Prompt formats per model family: the text around the image and the question.
+
+Prompts carry one ``<image>`` placeholder; the collator replaces it with the family's
+image block (``chat.image_block(n)``) once it knows how many tokens the image takes.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +13,28 @@ IMAGE_TOKEN = "<image>"
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """LLaVA-1.5 ("vicuna_v1"-style) single-turn format: ``USER: <image>\\nQ ASSISTANT: A</s>``."""
-
-    name: str = "llava-1.5"
-    system: str = ""
+    name: str
+    template: str  # single user turn with ``{image}`` and ``{question}``, ending where the answer starts
+    answer_sep: str = " "  # between the prompt and the answer
+    image_start: str = ""
+    image_token: str = IMAGE_TOKEN  # repeated once per image token
+    image_end: str = ""
 
     def prompt(self, question: str) -> str:
-        head = f"{self.system} " if self.system else ""
-        return f"{head}USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
+        return self.template.replace("{image}", IMAGE_TOKEN).replace("{question}", question)
 
     def full(self, question: str, answer: str) -> str:
-        return f"{self.prompt(question)} {answer}"
+        return f"{self.prompt(question)}{self.answer_sep}{answer}"
+
+    def image_block(self, n_tokens: int) -> str:
+        return f"{self.image_start}{self.image_token * n_tokens}{self.image_end}"
 
 
-FORMATS = {"llava": ChatFormat("llava-1.5")}
-
-
-def chat_format_for(model_type: str) -> ChatFormat:
-    if model_type not in FORMATS:
-        raise KeyError(f"no chat format for model_type {model_type!r}: supported {sorted(FORMATS)}")
-    return FORMATS[model_type]
+# LLaVA-1.5 ("vicuna_v1" conversation): ``USER: <image>\nQ ASSISTANT: A</s>``
+LLAVA_15 = ChatFormat("llava-1.5", "USER: {image}\n{question} ASSISTANT:")
+# Qwen2-VL / Qwen2.5-VL instruct (ChatML, the processor's chat template with the default system turn)
+QWEN_VL = ChatFormat("qwen-vl-chatml",
+                     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                     "<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n",
+                     answer_sep="", image_start="<|vision_start|>", image_token="<|image_pad|>",
+                     image_end="<|vision_end|>")

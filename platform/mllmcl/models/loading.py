@@ -15,7 +15,7 @@ import torch
 from mllmcl import storage
 from mllmcl.errors import ModelLoadError
 from mllmcl.models.batching import Collator
-from mllmcl.models.chat import ChatFormat, chat_format_for
+from mllmcl.models.families import Family, family_for
 from mllmcl.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ TINY = "tiny"
 class Backbone:
     model: torch.nn.Module
     processor: object
-    chat: ChatFormat
+    family: Family
     source: str
     local_path: str
     meta: dict = field(default_factory=dict)
@@ -35,7 +35,7 @@ class Backbone:
     @property
     def collator(self) -> Collator:
         if not hasattr(self, "_collator"):
-            self._collator = Collator(self.processor, self.chat)
+            self._collator = Collator(self.processor, self.family)
         return self._collator
 
 
@@ -75,20 +75,39 @@ def resolve_checkpoint(source: str) -> Path:
     return path
 
 
+@dataclass
+class ImageTextProcessor:
+    """A checkpoint's tokenizer and image processor, when its full processor cannot be built
+    here (all the platform uses of a processor)."""
+
+    tokenizer: object
+    image_processor: object
+
+
+def load_processor(path: Path | str, family: Family):
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers.utils import is_torchvision_available
+
+    if family.video_processor and not is_torchvision_available():
+        return ImageTextProcessor(AutoTokenizer.from_pretrained(path, local_files_only=True),
+                                  AutoImageProcessor.from_pretrained(path, local_files_only=True))
+    return AutoProcessor.from_pretrained(path, local_files_only=True)
+
+
 def load_backbone(source: str = TINY, dtype: str | torch.dtype | None = None) -> Backbone:
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     path = resolve_checkpoint(source)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     try:
-        chat = chat_format_for(config.model_type)
+        family = family_for(config.model_type)
     except KeyError as e:
         raise ModelLoadError(f"model.path={source!r}: {e.args[0]}") from None
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    processor = load_processor(path, family)
     model.eval()
     meta = {}
     if (path / "meta.json").exists():
         meta = json.loads((path / "meta.json").read_text())
-    return Backbone(model=model, processor=processor, chat=chat, source=source, local_path=str(path), meta=meta)
+    return Backbone(model=model, processor=processor, family=family, source=source, local_path=str(path), meta=meta)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mllmcl.models.chat import IMAGE_TOKEN, ChatFormat
+from mllmcl.models.chat import IMAGE_TOKEN
 from mllmcl.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,8 @@ def pretrain(model, processor, spec: TinyVLMSpec, progress: bool = True) -> list
 
     rng = np.random.default_rng(spec.seed)
     pool = [scene(rng, 64) for _ in range(spec.pretrain_pool)]
-    pixels = processor.image_processor(images=[p[0] for p in pool], return_tensors="pt")["pixel_values"]
-    collate = Collator(processor, ChatFormat())
+    collate = Collator(processor)  # LLaVA-1.5
+    images = collate.images.process([p[0] for p in pool])
     torch.manual_seed(spec.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.pretrain_lr, weight_decay=0.01)
     warmup = max(1, spec.pretrain_steps // 30)
@@ -155,7 +155,8 @@ def pretrain(model, processor, spec: TinyVLMSpec, progress: bool = True) -> list
     order = np.random.default_rng(spec.seed + 1)
     for step in tqdm(range(spec.pretrain_steps), desc="pre-training tiny base", disable=not progress):
         idx = order.integers(0, len(pool), spec.pretrain_batch)
-        batch = collate.train_batch([pool[i][1] for i in idx], [pool[i][2] for i in idx], pixels[idx])
+        batch = collate.train_batch([pool[i][1] for i in idx], [pool[i][2] for i in idx],
+                                   collate.images.collate([images[i] for i in idx]))
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -121,15 +121,15 @@ def expert_pool_class(max_experts: int):
                 self.engine.unload(self._retired.pop())
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-        async def _generate_batch(self, items: list[tuple[str, str, bytes, int]]) -> list[dict]:
+        async def _generate_batch(self, items: list[tuple[str, str, bytes, int, int]]) -> list[dict]:
             async with self._lock:
                 return await self._answer(items)
 
-        async def _answer(self, items: list[tuple[str, str, bytes, int]]) -> list[dict]:
+        async def _answer(self, items: list[tuple[str, str, bytes, int, int]]) -> list[dict]:
             from mllmcl.data.release import decode_image
 
             out: list[dict | None] = [None] * len(items)
-            names = list(dict.fromkeys(e for e, _, _, _ in items))
+            names = list(dict.fromkeys(it[0] for it in items))
             for start in range(0, len(names), self.capacity):  # never more distinct experts than the LRU holds
                 chunk = set(names[start:start + self.capacity])
                 loaded = {n: await self.get_expert(n) for n in chunk}
@@ -141,21 +141,22 @@ def expert_pool_class(max_experts: int):
                 # ~1.4 rows per batch in a thread, ~16 on the loop, 32 clients).
                 t0 = time.perf_counter()
                 images = [decode_image(items[i][2]) for i in rows]
-                answers = self.engine.generate([items[i][1] for i in rows], images,
-                                               [loaded[items[i][0]].adapter for i in rows],
-                                               [items[i][3] for i in rows])
+                adapters = [loaded[items[i][0]].adapter for i in rows]
+                answers = self.engine.generate([items[i][1] for i in rows], images, adapters,
+                                               [items[i][3] for i in rows], [items[i][4] for i in rows])
                 for i, c in zip(rows, answers):
                     out[i] = c.to_dict()
                 self.counts["model_seconds"] += time.perf_counter() - t0
                 self.counts["forwards"] += 1
-                self.counts["mixed_forwards"] += len(chunk) > 1
+                self.counts["mixed_forwards"] += len(chunk) > 1 and self.engine.one_forward(adapters)
             self.counts["batches"] += 1
             self.counts["rows"] += len(items)
             return out  # type: ignore[return-value]
 
-        async def generate(self, expert: str, text: str, image: bytes, max_new_tokens: int) -> dict:
+        async def generate(self, expert: str, text: str, image: bytes, max_new_tokens: int,
+                           min_new_tokens: int = 0) -> dict:
             with _batch_across_experts():
-                return await self._generate_batch((expert, text, image, max_new_tokens))
+                return await self._generate_batch((expert, text, image, max_new_tokens, min_new_tokens))
 
         def stats(self) -> dict:
             return {"loaded": sorted(self.engine.adapters), "loads": self._loads, **self.counts}
@@ -167,35 +168,35 @@ class _TokenCounter:
     """Prompt length checks with the run's tokenizer (the ingress holds no model weights)."""
 
     def __init__(self, run: ServedRun, cfg: ServeConfig):
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
 
         from mllmcl.models.batching import Collator
-        from mllmcl.models.chat import chat_format_for
-        from mllmcl.models.loading import resolve_checkpoint
+        from mllmcl.models.families import family_for
+        from mllmcl.models.loading import load_processor, resolve_checkpoint
 
         path = resolve_checkpoint(run.model_path)
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         text = getattr(config, "text_config", config)
         self.context = int(getattr(text, "max_position_embeddings", 0) or 0)
-        self.collator = Collator(AutoProcessor.from_pretrained(path, local_files_only=True),
-                                 chat_format_for(config.model_type))
+        family = family_for(config.model_type)
+        self.collator = Collator(load_processor(path, family), family)
         self.limit = cfg.limits.max_prompt_tokens
 
-    def count(self, text: str) -> int:
-        return len(self.collator._ids(self.collator.chat.prompt(text)))
+    def count(self, text: str, image_size: tuple[int, int]) -> int:
+        return self.collator.prompt_tokens(text, self.collator.images.tokens_for_size(*image_size))
 
-    def check(self, text: str, run: ServedRun) -> None:
+    def check(self, text: str, image_size: tuple[int, int], run: ServedRun) -> None:
         from mllmcl.methods.mr_lora import ROUTER_MAX_NEW_TOKENS
         from mllmcl.routing.router import router_prompt
 
-        n = self.count(text)
+        n = self.count(text, image_size)
         budget = max(run.max_new_tokens.values())
         limit = self.limit or (self.context - budget if self.context else 0)
         if limit and n > limit:
             raise RequestError(400, f"prompt is {n} tokens (with the image's); the limit is {limit}", "messages",
                                "context_length_exceeded")
         if run.router is not None and self.context:
-            r = self.count(router_prompt(run.specs, text))
+            r = self.count(router_prompt(run.specs, text), image_size)
             if r + ROUTER_MAX_NEW_TOKENS > self.context:
                 raise RequestError(400, f"the router's prompt for this text is {r} tokens; the model's context is "
                                         f"{self.context}", "messages", "context_length_exceeded")
@@ -234,7 +235,7 @@ class _Ingress:
                 raise RequestError(413, f"request body is {length} bytes; the limit is {max_body_bytes(self.limits)}",
                                    None, "request_too_large")
             req = parse_chat_request(await request.body(), self.limits, self.run.experts)
-            self._tokens.check(req.text, self.run)
+            self._tokens.check(req.text, req.image_size, self.run)
             routing: dict = {"mode": "single", "stage": self.run.stage}
             if req.model is not None:
                 expert, routing = req.model, {"mode": "pinned", "stage": self.run.stage}
@@ -247,8 +248,8 @@ class _Ingress:
                            "fallback": r["fallback"]}
             budget = self.run.max_new_tokens[expert]
             max_new = min(req.max_tokens, self.limits.max_tokens) if req.max_tokens else budget
-            out = await self.pool.options(multiplexed_model_id=expert).generate.remote(expert, req.text, req.image,
-                                                                                       max_new)
+            out = await self.pool.options(multiplexed_model_id=expert).generate.remote(
+                expert, req.text, req.image, max_new, min(req.min_tokens, max_new))
             return JSONResponse(completion_response(expert, out, {"routing": routing, "run_id": self.run.run_id}))
         except RequestError as e:
             return self._error(e)

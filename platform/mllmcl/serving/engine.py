@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
+from transformers import LogitsProcessor
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,8 @@ class AdapterEngine:
 
     # ------------------------------------------------------------------ inputs
 
-    def pixels(self, images: Sequence) -> torch.Tensor:
-        return self.backbone.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+    def pixels(self, images: Sequence):
+        return self.collator.images.pixels(images)
 
     # ------------------------------------------------------------------ generation
 
@@ -100,22 +101,46 @@ class AdapterEngine:
             return self.peft, contextlib.nullcontext(), {}
         return self.peft, contextlib.nullcontext(), {"adapter_names": [a or BASE_ROW for a in adapters]}
 
+    def one_forward(self, adapters: Sequence[str | None]) -> bool:
+        """Whether rows of these adapters share one ``generate``. PEFT routes a mixed batch by
+        row; a family whose projector sees all images' patches as one sequence (Qwen2-VL's
+        merger) cannot route per image, so adapters with their own projector copy
+        (``lora.train_projector``) then run one ``generate`` each."""
+        names = {a for a in adapters}
+        if len(names) <= 1 or self.collator.images.image_rows:
+            return True
+        return not any(self.peft.peft_config[a].modules_to_save for a in names if a is not None)
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], images: Sequence, adapters: Sequence[str | None],
-                 max_new_tokens: Sequence[int]) -> list[Completion]:
+                 max_new_tokens: Sequence[int], min_new_tokens: Sequence[int] | None = None) -> list[Completion]:
         """Greedy answers in one forward pass per decoding step; row i uses adapter
-        ``adapters[i]`` (None = base model) and stops at ``max_new_tokens[i]`` tokens."""
+        ``adapters[i]`` (None = base model), stops at ``max_new_tokens[i]`` tokens and does
+        not end before ``min_new_tokens[i]``."""
         if not prompts:
             return []
         unknown = {a for a in adapters if a is not None and a not in self.adapters}
         if unknown:
             raise KeyError(f"adapters not loaded: {sorted(unknown)}")
+        if not self.one_forward(adapters):
+            out: list[Completion | None] = [None] * len(prompts)
+            for name in dict.fromkeys(adapters):
+                idx = [i for i, a in enumerate(adapters) if a == name]
+                pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+                for i, c in zip(idx, self.generate(pick(prompts), pick(images), [name] * len(idx),
+                                                   pick(max_new_tokens), pick(min_new_tokens))):
+                    out[i] = c
+            return out  # type: ignore[return-value]
         batch = self.collator.prompt_batch(list(prompts), self.pixels(images))
         batch = {k: v.to(self.device) for k, v in batch.items()}
         width = batch["input_ids"].shape[1]
         prompt_lens = batch["attention_mask"].sum(1).tolist()
         model, ctx, extra = self._model(adapters)
         eos = self.tok.eos_token_id
+        if min_new_tokens is not None and any(min_new_tokens):
+            from transformers import LogitsProcessorList
+
+            extra["logits_processor"] = LogitsProcessorList([_RowMinNewTokens(width, list(min_new_tokens), eos)])
         with ctx:
             gen = model.generate(**batch, max_new_tokens=max(max_new_tokens), do_sample=False, num_beams=1,
                                  pad_token_id=self.tok.pad_token_id, eos_token_id=eos, **extra)
@@ -127,6 +152,19 @@ class AdapterEngine:
             out.append(Completion(self.tok.decode(tokens, skip_special_tokens=True).strip(), int(prompt_lens[i]),
                                   len(tokens), "stop" if stop is not None else "length"))
         return out
+
+
+class _RowMinNewTokens(LogitsProcessor):
+    """Per-row ``min_new_tokens`` (``generate``'s own is one number for the whole batch):
+    the end-of-sequence token is barred from row i until it has ``minimum[i]`` new tokens."""
+
+    def __init__(self, width: int, minimum: list[int], eos: int):
+        self.width, self.minimum, self.eos = width, torch.tensor(minimum), eos
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        short = (self.minimum > input_ids.shape[1] - self.width).to(scores.device)
+        scores[:, self.eos] = scores[:, self.eos].masked_fill(short, float("-inf"))
+        return scores
 
 
 def fallback_index(rule: str, n_experts: int, seed: int, question: str) -> int:

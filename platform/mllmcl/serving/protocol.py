@@ -37,6 +37,8 @@ class ChatRequest:
     image: bytes  # the encoded image file
     model: str | None  # a pinned expert, or None (the router chooses)
     max_tokens: int | None
+    image_size: tuple[int, int] = (0, 0)  # (width, height)
+    min_tokens: int = 0  # vLLM's extension: no end of sequence before this many new tokens
 
 
 def max_body_bytes(limits: LimitSettings) -> int:
@@ -64,7 +66,7 @@ def check_model(model, experts) -> str | None:
     return model
 
 
-def _decode_image(url, limits: LimitSettings) -> bytes:
+def _decode_image(url, limits: LimitSettings) -> tuple[bytes, tuple[int, int]]:
     if not isinstance(url, str):
         raise RequestError(400, "image_url.url must be a string (a base64 data URL)", "messages")
     m = DATA_URL.match(url)
@@ -84,12 +86,12 @@ def _decode_image(url, limits: LimitSettings) -> bytes:
     if len(data) > limits.max_image_bytes:
         raise RequestError(413, f"image is {len(data)} bytes; the limit is {limits.max_image_bytes}", "messages",
                            "image_too_large")
-    check_image(data, limits)
-    return data
+    return data, check_image(data, limits)
 
 
-def check_image(data: bytes, limits: LimitSettings) -> None:
-    """The bytes decode as an image within the pixel limit (read the header before the pixels)."""
+def check_image(data: bytes, limits: LimitSettings) -> tuple[int, int]:
+    """The bytes decode as an image within the pixel limit (read the header before the
+    pixels); returns its (width, height)."""
     import io
     import warnings
 
@@ -104,6 +106,7 @@ def check_image(data: bytes, limits: LimitSettings) -> None:
                     raise RequestError(413, f"image is {w}x{h} = {w * h} pixels; the limit is {limits.max_image_pixels}",
                                        "messages", "image_too_large")
                 im.load()
+                return w, h
     except RequestError:
         raise
     except Image.UnidentifiedImageError:
@@ -174,7 +177,19 @@ def parse_chat_request(body: bytes, limits: LimitSettings, experts) -> ChatReque
                                    or not 1 <= max_tokens <= limits.max_tokens):
         raise RequestError(400, f"max_tokens={max_tokens!r}: expected an integer from 1 to {limits.max_tokens}",
                            "max_tokens")
-    return ChatRequest(text=text, image=_decode_image(images[0], limits), model=model, max_tokens=max_tokens)
+    min_tokens = data.get("min_tokens", 0)
+    if data.get("ignore_eos") is True:  # vLLM's other spelling: run to max_tokens
+        if max_tokens is None:
+            raise RequestError(400, "ignore_eos needs max_tokens (the answer would run to the service's limit)",
+                               "ignore_eos")
+        min_tokens = max_tokens
+    if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0 \
+            or min_tokens > (max_tokens or limits.max_tokens):
+        raise RequestError(400, f"min_tokens={min_tokens!r}: expected an integer from 0 to max_tokens "
+                                f"({max_tokens or limits.max_tokens})", "min_tokens")
+    image, size = _decode_image(images[0], limits)
+    return ChatRequest(text=text, image=image, model=model, max_tokens=max_tokens, image_size=size,
+                       min_tokens=min_tokens)
 
 
 def completion_response(expert: str, completion: dict, extra: dict) -> dict:

@@ -208,7 +208,7 @@ def train_adapter(config: dict, session) -> None:
     if start:
         log.info("rank %d resumes %s/%s at step %d of %d", rank, request.task, request.kind, start, steps)
 
-    pixels = PixelCache(backbone.processor, load_image)
+    pixels = PixelCache(backbone.collator.images, load_image)
     all_reduce = None
     if world > 1:
         import torch.distributed as dist

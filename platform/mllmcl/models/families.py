@@ -1,0 +1,46 @@
+"""What differs between backbone families, in one place: the chat format, how images
+become model inputs (fixed-size pixels or variable patch grids), and the vision
+projector's linear layers (``lora.train_projector``). LoRA targets the language model's
+linears by name, which every supported family shares (q/k/v/o, gate/up/down)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mllmcl.models.chat import LLAVA_15, QWEN_VL, ChatFormat
+from mllmcl.models.vision import FixedImages, GridImages
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]  # ``config.model_type`` of the checkpoints it covers
+    chat: ChatFormat
+    images: type  # FixedImages | GridImages
+    projector: tuple[str, ...]  # the vision-to-language projector's linears (PEFT modules_to_save)
+    # its transformers processor also holds a video processor, which transformers builds only
+    # with torchvision; without it the tokenizer and image processor load on their own
+    video_processor: bool = False
+
+
+FAMILIES = (
+    Family("llava-1.5", ("llava",), LLAVA_15, FixedImages,
+           ("multi_modal_projector.linear_1", "multi_modal_projector.linear_2")),
+    Family("qwen2-vl", ("qwen2_vl", "qwen2_5_vl"), QWEN_VL, GridImages,
+           ("visual.merger.mlp.0", "visual.merger.mlp.2"), video_processor=True),
+)
+LLAVA = FAMILIES[0]
+
+
+def family_for(model_type: str) -> Family:
+    for f in FAMILIES:
+        if model_type in f.model_types:
+            return f
+    supported = sorted(t for f in FAMILIES for t in f.model_types)
+    raise KeyError(f"model_type {model_type!r} is not a supported backbone family: supported {supported}")
+
+
+def projector_linears() -> tuple[str, ...]:
+    """Every family's projector linears: PEFT matches them by name suffix, so each
+    architecture picks up its own."""
+    return tuple(n for f in FAMILIES for n in f.projector)
