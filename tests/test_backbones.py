@@ -15,13 +15,13 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|
                  "<|image_pad|>", "<|video_pad|>"]
 
 
-def build_tiny_qwen2_vl(dest: Path, seed: int = 0) -> Path:
-    """A randomly initialised Qwen2-VL (2 text layers of width 64, 2 vision blocks, 4-px
-    patches, 2x2 merge) with a byte-level BPE tokenizer trained here, saved as a Hugging
-    Face folder laid out like Qwen/Qwen2-VL-*-Instruct."""
+def build_tiny_qwen_vl(dest: Path, arch: str = "qwen2_vl", seed: int = 0) -> Path:
+    """A randomly initialised Qwen2-VL or Qwen2.5-VL (2 text layers of width 64, 2 vision
+    blocks, 4-px patches, 2x2 merge) with a byte-level BPE tokenizer trained here, saved as
+    a Hugging Face folder laid out like Qwen/Qwen2(.5)-VL-*-Instruct."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                              Qwen2VLImageProcessorPil)
+    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
 
     from mllmcl.models.tiny import tokenizer_corpus
 
@@ -36,18 +36,25 @@ def build_tiny_qwen2_vl(dest: Path, seed: int = 0) -> Path:
     images = Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2,
                                       size={"shortest_edge": 16 * 16, "longest_edge": 48 * 48})
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    cfg = Qwen2VLConfig(
+    if arch == "qwen2_vl":
+        config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2)
+    else:  # Qwen2.5-VL: windowed attention in the vision tower (one 16-px window block, one full block)
+        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1])
+    cfg = config_cls(
         text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
-                           spatial_merge_size=2, temporal_patch_size=2),
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(cfg)
+    model = model_cls(cfg)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(dest)
@@ -62,8 +69,19 @@ def build_tiny_qwen2_vl(dest: Path, seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="module")
-def qwen_path(tmp_path_factory) -> Path:
-    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl") / "ckpt")
+def qwen_paths(tmp_path_factory):
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = build_tiny_qwen_vl(tmp_path_factory.mktemp(f"tiny-{arch}") / "ckpt", arch)
+        return built[arch]
+    return get
+
+
+@pytest.fixture(scope="module")
+def qwen_path(qwen_paths) -> Path:
+    return qwen_paths("qwen2_vl")
 
 
 def _images():
@@ -93,13 +111,15 @@ def test_loads_from_a_folder_and_from_s3(qwen_path, s3_bucket):
         load_backbone(f"{s3_bucket}/nothing-here")
 
 
-def test_prompts_carry_each_images_tokens_and_variable_sized_images_batch(qwen_path):
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_prompts_carry_each_images_tokens_and_variable_sized_images_batch(qwen_paths, arch):
     """Each image's block has as many tokens as its patch grid (4-px patches, 2x2 merge);
     a left-padded batch of images of different
     sizes answers like each row alone (mrope positions under padding)."""
     from mllmcl.models import load_backbone
 
-    bb = load_backbone(str(qwen_path))
+    bb = load_backbone(str(qwen_paths(arch)))
+    assert bb.family.name == "qwen2-vl" and bb.model.config.model_type == arch
     col = bb.collator
     images = _images()
     pixels = col.images.pixels(images)
