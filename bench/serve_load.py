@@ -14,6 +14,7 @@ questions and images of every task of the run, spread over the experts):
     scripts/loopback.sh python bench/serve_load.py --run artifacts/runs/<mr_lora run>
     scripts/loopback.sh python bench/serve_load.py --run <uri> --clients 32 --requests 512
     scripts/loopback.sh python bench/serve_load.py --compute      # a 12 M-parameter backbone, see below
+    scripts/loopback.sh python bench/serve_load.py --compute --width 1024 --steps 20 --ignore-eos --threads 2
 
 On 2 CPU cores the default tiny base (0.6 M parameters) answers a request in ~12 ms, less
 than Serve's own cost per request (HTTP proxy + two replica hops, ~12 ms measured with an
@@ -21,7 +22,11 @@ echo app), so every configuration is bound by the framework, not by the model. `
 makes the model dominate, as a real MLLM does: it builds a wider VLM-shaped base (text
 hidden 512, 4 layers; a short pretraining) and a short MR-LoRA run on it (5 experts of
 120 steps + router; they learn the answer format, so answers end like the tiny run's),
-cached under $MLLMCL_CACHE/bench/; requests allow up to 16 new tokens.
+cached under $MLLMCL_CACHE/bench/; requests allow up to 16 new tokens. ``--width 1024``
+makes the language model 40 M parameters (``--steps`` per expert: 20 is enough when
+``--ignore-eos`` fixes every answer at ``--max-tokens``: a generation-bound workload, where
+the answers' content does not matter). The README has the measured numbers and why the
+workloads differ.
 
 Prints throughput (requests/s), p50/p99 latency and failures per configuration, and the
 ratios mixed/one and mixed/base (targets: >= 3x and >= 0.7x).
