@@ -113,8 +113,8 @@ def s3_server():
         yield {"endpoint": endpoint, "client": client}
     finally:
         proc.terminate()
-        try:
-            proc.wait(timeout=20)
+        try:  # SeaweedFS's all-in-one server takes > 20 s to stop gracefully; the data is disposable
+            proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
