@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from mllmcl.models.chat import IMAGE_TOKEN
+from mllmcl.models.chat import IMAGE_TOKEN, ChatFormat
 from mllmcl.models.families import LLAVA, Family
 from mllmcl.models.vision import Pixels
 
@@ -46,7 +46,7 @@ class Collator:
     processor: object
     family: Family = LLAVA
     max_length: int = 512
-    chat: object = field(init=False)
+    chat: ChatFormat = field(init=False)  # the family's
 
     def __post_init__(self):
         self.tok = self.processor.tokenizer
