@@ -82,6 +82,30 @@ def test_train_batch_masks_the_prompt(small_tiny_path):
     assert torch.isfinite(loss)
 
 
+def test_pixel_cache_is_bounded_in_bytes(small_tiny_path):
+    from PIL import Image
+
+    from mllmcl.models.batching import PixelCache
+
+    col = load_backbone(str(small_tiny_path)).collator
+    loads = []
+
+    def load(uri):
+        loads.append(uri)
+        return Image.new("RGB", (40, 40), (int(uri), 0, 0))
+
+    one = 3 * 32 * 32 * 4  # one preprocessed 32 px image, float32
+    cache = PixelCache(col.images, load, max_bytes=2 * one + one // 2)
+    pix = cache.get(["1", "2", "3"])
+    assert len(pix) == 3 and pix.tensors["pixel_values"].shape == (3, 3, 32, 32)
+    assert cache.nbytes == 2 * one and loads == ["1", "2", "3"]  # the oldest went
+    cache.get(["3", "2"])
+    cache.get(["1"])  # evicted earlier: loaded again, and "3" (least recent) goes
+    assert loads == ["1", "2", "3", "1"]
+    cache.get(["2"])
+    assert loads[-1] == "1" and cache.nbytes == 2 * one
+
+
 def test_generation_on_a_task_split(small_tiny_path, synthetic_small):
     from mllmcl.data import load_task
     from mllmcl.evaluation import evaluate_task, pixel_cache_for

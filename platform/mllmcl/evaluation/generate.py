@@ -65,5 +65,5 @@ def evaluate_task(model, collator: Collator, pixels: PixelCache, spec: TaskSpec,
     return score_predictions(spec, samples, preds, stage=stage)
 
 
-def pixel_cache_for(collator: Collator, capacity: int = 20000) -> PixelCache:
-    return PixelCache(collator.images, load_image, capacity=capacity)
+def pixel_cache_for(collator: Collator, max_bytes: int = 2 << 30) -> PixelCache:
+    return PixelCache(collator.images, load_image, max_bytes=max_bytes)

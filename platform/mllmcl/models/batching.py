@@ -17,26 +17,35 @@ IGNORE_INDEX = -100
 
 
 class PixelCache:
-    """LRU cache of preprocessed images (the layout's per-image items) keyed by image URI."""
+    """LRU cache of preprocessed images (the layout's per-image items) keyed by image URI,
+    bounded in bytes: a preprocessed image is ~1.4 MB for LLaVA-1.5 at 336 px and grows with
+    resolution for Qwen2-VL (~4.7 MB at 448x448), so a count bound would not bound memory."""
 
-    def __init__(self, images, load: Callable, capacity: int = 20000):
+    def __init__(self, images, load: Callable, max_bytes: int = 2 << 30):
         self.images = images  # FixedImages | GridImages (``collator.images``)
         self.load = load
-        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         self._data: OrderedDict[str, dict] = OrderedDict()
 
     def get(self, uris: Sequence[str]) -> Pixels:
         missing = [u for u in dict.fromkeys(uris) if u not in self._data]
-        if missing:
-            for u, item in zip(missing, self.images.process([self.load(u) for u in missing])):
-                self._data[u] = item
-                if len(self._data) > self.capacity:
-                    self._data.popitem(last=False)
+        fresh = dict(zip(missing, self.images.process([self.load(u) for u in missing]))) if missing else {}
         out = []
         for u in uris:
-            self._data.move_to_end(u)
-            out.append(self._data[u])
+            if u in self._data:
+                self._data.move_to_end(u)
+            out.append(self._data.get(u) or fresh[u])
+        for u, item in fresh.items():
+            self._data[u] = item
+            self.nbytes += _nbytes(item)
+        while self.nbytes > self.max_bytes and self._data:
+            self.nbytes -= _nbytes(self._data.popitem(last=False)[1])
         return self.images.collate(out)
+
+
+def _nbytes(item: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in item.values())
 
 
 @dataclass
