@@ -149,11 +149,19 @@ def test_prompts_carry_each_images_tokens_and_variable_sized_images_batch(qwen_p
     assert torch.isfinite(bb.model(**train).loss)
     for lab, a in zip(train["labels"], answers):  # the loss is on the answer and the end of the turn only
         assert tok.decode(lab[lab != -100]) == f"{a}<|im_end|>"
+    # sequences run to the model's context (1024 here), not to a fixed cap
+    assert col.max_length == bb.context == 1024
+    per_word = len(tok("describe " * 100)["input_ids"]) / 100
+    long = col.train_batch(["describe " * int(700 / per_word)], ["A"], col.images.pixels(images[:1]))
+    assert 512 < long["input_ids"].shape[1] <= 1024
+    with pytest.raises(ValueError, match="exceeds max_length=1024"):
+        col.train_batch(["describe " * int(1100 / per_word)], ["A"], col.images.pixels(images[:1]))
 
 
 def test_an_mr_lora_stream_on_qwen2_vl_trains_and_serves(qwen_path, synthetic_small, tmp_path):
     """MR-LoRA on the Qwen2-VL checkpoint (experts with their own merger copy, router); the
-    served engine's one-forward mixed-expert batch equals each expert alone."""
+    service counts each image's own prompt tokens, and a mixed-expert batch of experts with
+    projector copies is split per expert (PEFT cannot route the merger's patch rows)."""
     from peft.utils import load_peft_weights
 
     from mllmcl.config import load_config

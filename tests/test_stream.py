@@ -85,11 +85,18 @@ def test_resume_refuses_a_different_config(ray_session, runs_root, stream_overri
     first = run_stream(cfg, "zs-fixed")
     with pytest.raises(ConfigError, match="train.lr"):
         run_stream(_cfg(runs_root, stream_overrides, TWO, "method.name=zero_shot", "train.lr=0.1"), "zs-fixed")
-    # a run made before a setting existed resumes under that setting's default, and only under it
-    stored = runs_root / "runs" / "zs-fixed" / "config.yaml"
-    doc = yaml.safe_load(stored.read_text())
+    # a run made before a setting existed resumes under that setting's default, and only under it:
+    # its stored config lacks the key and its manifest holds the hash of that older config
+    from mllmcl.provenance import config_hash
+    from mllmcl.training.stream import identity
+
+    run = runs_root / "runs" / "zs-fixed"
+    doc = yaml.safe_load((run / "config.yaml").read_text())
     del doc["config"]["train"]["epochs_per_task"]
-    stored.write_text(yaml.safe_dump(doc))
+    (run / "config.yaml").write_text(yaml.safe_dump(doc))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["config_hash"] = config_hash({k: v for k, v in identity(cfg).items() if k != "train.epochs_per_task"})
+    (run / "manifest.json").write_text(json.dumps(manifest))
     assert run_stream(cfg, "zs-fixed").matrix.rows == first.matrix.rows
     with pytest.raises(ConfigError, match=r"train.epochs_per_task: run has \[\], now \[2"):
         run_stream(_cfg(runs_root, stream_overrides, TWO, "method.name=zero_shot", "train.epochs_per_task=[2,2]"),

@@ -54,7 +54,7 @@ class Collator:
 
     processor: object
     family: Family = LLAVA
-    max_length: int = 512
+    max_length: int = 512  # longest training sequence (the backbone passes its context)
     chat: ChatFormat = field(init=False)  # the family's
 
     def __post_init__(self):

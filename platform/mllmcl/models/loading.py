@@ -31,12 +31,19 @@ class Backbone:
     source: str
     local_path: str
     meta: dict = field(default_factory=dict)
+    context: int = 0  # the language model's context (max_position_embeddings); 0 = unknown
 
     @property
     def collator(self) -> Collator:
         if not hasattr(self, "_collator"):
-            self._collator = Collator(self.processor, self.family)
+            self._collator = Collator(self.processor, self.family, max_length=self.context or 2048)
         return self._collator
+
+
+def context_length(config) -> int:
+    """The language model's context in tokens (0 if the config does not say)."""
+    text = getattr(config, "text_config", None) or config
+    return int(getattr(text, "max_position_embeddings", 0) or 0)
 
 
 def _stage_remote(uri: str) -> Path:
@@ -110,4 +117,5 @@ def load_backbone(source: str = TINY, dtype: str | torch.dtype | None = None) ->
     meta = {}
     if (path / "meta.json").exists():
         meta = json.loads((path / "meta.json").read_text())
-    return Backbone(model=model, processor=processor, family=family, source=source, local_path=str(path), meta=meta)
+    return Backbone(model=model, processor=processor, family=family, source=source, local_path=str(path), meta=meta,
+                    context=context_length(config))

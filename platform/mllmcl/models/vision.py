@@ -54,7 +54,7 @@ class FixedImages(_Layout):
 
     def process(self, images: Sequence) -> list[dict[str, torch.Tensor]]:
         pix = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-        return [{"pixel_values": p} for p in pix]
+        return [{"pixel_values": p.clone()} for p in pix]  # own storage: the cache frees images one by one
 
     def collate(self, items: Sequence[dict[str, torch.Tensor]]) -> Pixels:
         return Pixels({"pixel_values": torch.stack([it["pixel_values"] for it in items])}, [self.n_tokens] * len(items))
@@ -74,7 +74,7 @@ class GridImages(_Layout):
         out = self.image_processor(images=list(images), return_tensors="pt")
         grids = out["image_grid_thw"]
         parts = torch.split(out["pixel_values"], grids.prod(-1).tolist())
-        return [{"pixel_values": p, "image_grid_thw": g} for p, g in zip(parts, grids)]
+        return [{"pixel_values": p.clone(), "image_grid_thw": g.clone()} for p, g in zip(parts, grids)]
 
     def collate(self, items: Sequence[dict[str, torch.Tensor]]) -> Pixels:
         grids = torch.stack([it["image_grid_thw"] for it in items])

@@ -147,8 +147,9 @@ def expert_pool_class(max_experts: int):
                 for i, c in zip(rows, answers):
                     out[i] = c.to_dict()
                 self.counts["model_seconds"] += time.perf_counter() - t0
-                self.counts["forwards"] += 1
-                self.counts["mixed_forwards"] += len(chunk) > 1 and self.engine.one_forward(adapters)
+                one = self.engine.one_forward(adapters)
+                self.counts["forwards"] += 1 if one else len(set(adapters))
+                self.counts["mixed_forwards"] += len(chunk) > 1 and one
             self.counts["batches"] += 1
             self.counts["rows"] += len(items)
             return out  # type: ignore[return-value]
@@ -172,14 +173,13 @@ class _TokenCounter:
 
         from mllmcl.models.batching import Collator
         from mllmcl.models.families import family_for
-        from mllmcl.models.loading import load_processor, resolve_checkpoint
+        from mllmcl.models.loading import context_length, load_processor, resolve_checkpoint
 
         path = resolve_checkpoint(run.model_path)
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        text = getattr(config, "text_config", config)
-        self.context = int(getattr(text, "max_position_embeddings", 0) or 0)
+        self.context = context_length(config)
         family = family_for(config.model_type)
-        self.collator = Collator(load_processor(path, family), family)
+        self.collator = Collator(load_processor(path, family), family, max_length=self.context or 2048)
         self.limit = cfg.limits.max_prompt_tokens
 
     def count(self, text: str, image_size: tuple[int, int]) -> int:
@@ -248,8 +248,11 @@ class _Ingress:
                            "fallback": r["fallback"]}
             budget = self.run.max_new_tokens[expert]
             max_new = min(req.max_tokens, self.limits.max_tokens) if req.max_tokens else budget
+            if req.min_tokens > max_new:
+                raise RequestError(400, f"min_tokens={req.min_tokens} is above expert {expert!r}'s answer budget "
+                                        f"({max_new} tokens); give max_tokens too", "min_tokens")
             out = await self.pool.options(multiplexed_model_id=expert).generate.remote(
-                expert, req.text, req.image, max_new, min(req.min_tokens, max_new))
+                expert, req.text, req.image, max_new, req.min_tokens)
             return JSONResponse(completion_response(expert, out, {"routing": routing, "run_id": self.run.run_id}))
         except RequestError as e:
             return self._error(e)

@@ -1,6 +1,7 @@
 """The model side of serving, without Serve: a base model holding named PEFT adapters that
 answers a batch whose rows use different adapters in **one** ``generate`` (PEFT's
-per-row ``adapter_names``), and MR-LoRA routing on top of it. The Serve deployments and
+per-row ``adapter_names``; see ``one_forward`` for the one exception), and MR-LoRA
+routing on top of it. The Serve deployments and
 the Ray Data batch evaluation both run this code.
 """
 
@@ -104,12 +105,12 @@ class AdapterEngine:
     def one_forward(self, adapters: Sequence[str | None]) -> bool:
         """Whether rows of these adapters share one ``generate``. PEFT routes a mixed batch by
         row; a family whose projector sees all images' patches as one sequence (Qwen2-VL's
-        merger) cannot route per image, so adapters with their own projector copy
-        (``lora.train_projector``) then run one ``generate`` each."""
-        names = {a for a in adapters}
-        if len(names) <= 1 or self.collator.images.image_rows:
+        merger) cannot route per image, so once any loaded adapter has its own projector copy
+        (``lora.train_projector``: PEFT then wraps the merger for every adapter) a mixed
+        batch runs one ``generate`` per adapter."""
+        if len(set(adapters)) <= 1 or self.collator.images.image_rows:
             return True
-        return not any(self.peft.peft_config[a].modules_to_save for a in names if a is not None)
+        return not any(self.peft.peft_config[a].modules_to_save for a in self.adapters)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], images: Sequence, adapters: Sequence[str | None],

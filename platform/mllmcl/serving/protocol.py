@@ -178,7 +178,9 @@ def parse_chat_request(body: bytes, limits: LimitSettings, experts) -> ChatReque
         raise RequestError(400, f"max_tokens={max_tokens!r}: expected an integer from 1 to {limits.max_tokens}",
                            "max_tokens")
     min_tokens = data.get("min_tokens", 0)
-    if data.get("ignore_eos") is True:  # vLLM's other spelling: run to max_tokens
+    if not isinstance(data.get("ignore_eos", False), bool):
+        raise RequestError(400, f"ignore_eos={data['ignore_eos']!r}: expected true or false", "ignore_eos")
+    if data.get("ignore_eos"):  # vLLM's other spelling: run to max_tokens
         if max_tokens is None:
             raise RequestError(400, "ignore_eos needs max_tokens (the answer would run to the service's limit)",
                                "ignore_eos")

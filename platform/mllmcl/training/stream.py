@@ -192,9 +192,9 @@ def _check_resume(manifest: Manifest, cfg: Config, layout: RunLayout) -> None:
         return
     old = yaml.safe_load(storage.read_text(layout.config))["config"] if storage.exists(layout.config) else {}
     before, now = _flatten(old), identity(cfg)
-    # a setting added to the platform after the run was made: the run had its default behaviour
-    defaults = identity(Config())
-    before.update({k: defaults[k] for k in now if k not in before and k in defaults})
+    if before:  # a setting added to the platform after the run was made: the run had its default behaviour
+        defaults = identity(Config())
+        before.update({k: defaults[k] for k in now if k not in before and k in defaults})
     diff = [f"{k}: run has {before.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(before) | set(now))
             if not k.startswith(RESUMABLE_CHANGES) and before.get(k) != now.get(k)]
     if not diff:
