@@ -4,8 +4,8 @@ in its chat format, answer labels."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from functools import lru_cache
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
@@ -15,6 +15,7 @@ from mllmcl.models.families import LLAVA, Family
 from mllmcl.models.vision import Pixels
 
 IGNORE_INDEX = -100
+DEFAULT_MAX_LENGTH = 2048  # training sequence limit when the model's config gives no context
 
 
 class PixelCache:
@@ -55,7 +56,7 @@ class Collator:
 
     processor: object
     family: Family = LLAVA
-    max_length: int = 512  # longest training sequence (the backbone passes its context)
+    max_length: int = DEFAULT_MAX_LENGTH  # longest training sequence (the backbone passes its context)
     chat: ChatFormat = field(init=False)  # the family's
 
     def __post_init__(self):

@@ -30,6 +30,10 @@ FAMILIES = (
            ("visual.merger.mlp.0", "visual.merger.mlp.2"), video_processor=True),
 )
 LLAVA = FAMILIES[0]
+# every family's projector linears: PEFT matches modules_to_save by name suffix, so each
+# architecture picks up its own (PEFT batches rows of different adapters through wrapped
+# Linear modules, not through a wrapped composite module)
+PROJECTOR_LINEARS = tuple(n for f in FAMILIES for n in f.projector)
 
 
 def family_for(model_type: str) -> Family:
@@ -39,8 +43,3 @@ def family_for(model_type: str) -> Family:
     supported = sorted(t for f in FAMILIES for t in f.model_types)
     raise KeyError(f"model_type {model_type!r} is not a supported backbone family: supported {supported}")
 
-
-def projector_linears() -> tuple[str, ...]:
-    """Every family's projector linears: PEFT matches them by name suffix, so each
-    architecture picks up its own."""
-    return tuple(n for f in FAMILIES for n in f.projector)

@@ -14,7 +14,7 @@ import torch
 
 from mllmcl import storage
 from mllmcl.errors import ModelLoadError
-from mllmcl.models.batching import Collator
+from mllmcl.models.batching import DEFAULT_MAX_LENGTH, Collator
 from mllmcl.models.families import Family, family_for
 from mllmcl.paths import cache_dir
 
@@ -36,7 +36,7 @@ class Backbone:
     @property
     def collator(self) -> Collator:
         if not hasattr(self, "_collator"):
-            self._collator = Collator(self.processor, self.family, max_length=self.context or 2048)
+            self._collator = Collator(self.processor, self.family, max_length=self.context or DEFAULT_MAX_LENGTH)
         return self._collator
 
 

@@ -6,15 +6,11 @@ from dataclasses import dataclass
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from mllmcl.models.families import projector_linears
+from mllmcl.models.families import PROJECTOR_LINEARS
 
 # every linear layer of a Llama-style language model; the vision tower, the
 # projector and lm_head are never wrapped.
 LANGUAGE_MODEL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# the vision-to-language projector of every family, by its linear layers: PEFT batches rows
-# of different adapters through wrapped Linear modules (serving), not through a wrapped
-# composite module
-PROJECTOR_LINEARS = projector_linears()
 
 
 def language_model_target_regex(modules=LANGUAGE_MODEL_LINEARS) -> str:

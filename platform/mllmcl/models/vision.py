@@ -37,6 +37,7 @@ class _Layout:
 class FixedImages(_Layout):
     token_types = False  # the model finds image positions by the image token alone
     image_rows = True  # the projector's input has one row per image (PEFT can route its rows by adapter)
+
     def __init__(self, processor):
         self.image_processor = processor.image_processor
         self.n_tokens = self._count(processor)
@@ -66,6 +67,7 @@ class FixedImages(_Layout):
 class GridImages(_Layout):
     token_types = True  # the model also takes ``mm_token_type_ids`` (1 = image) for its 3-D rotary positions
     image_rows = False  # the projector (merger) sees every image's patches as rows of one sequence
+
     def __init__(self, processor):
         self.image_processor = processor.image_processor
         self.merge = int(self.image_processor.merge_size)

@@ -171,7 +171,7 @@ class _TokenCounter:
     def __init__(self, run: ServedRun, cfg: ServeConfig):
         from transformers import AutoConfig
 
-        from mllmcl.models.batching import Collator
+        from mllmcl.models.batching import DEFAULT_MAX_LENGTH, Collator
         from mllmcl.models.families import family_for
         from mllmcl.models.loading import context_length, load_processor, resolve_checkpoint
 
@@ -179,7 +179,7 @@ class _TokenCounter:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         self.context = context_length(config)
         family = family_for(config.model_type)
-        self.collator = Collator(load_processor(path, family), family, max_length=self.context or 2048)
+        self.collator = Collator(load_processor(path, family), family, max_length=self.context or DEFAULT_MAX_LENGTH)
         self.limit = cfg.limits.max_prompt_tokens
 
     def count(self, text: str, image_size: tuple[int, int]) -> int:

@@ -1,8 +1,8 @@
 """The model side of serving, without Serve: a base model holding named PEFT adapters that
 answers a batch whose rows use different adapters in **one** ``generate`` (PEFT's
 per-row ``adapter_names``; see ``one_forward`` for the one exception), and MR-LoRA
-routing on top of it. The Serve deployments and
-the Ray Data batch evaluation both run this code.
+routing on top of it. The Serve deployments and the Ray Data batch evaluation both run
+this code.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, LogitsProcessorList
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,6 @@ class AdapterEngine:
         model, ctx, extra = self._model(adapters)
         eos = self.tok.eos_token_id
         if min_new_tokens is not None and any(min_new_tokens):
-            from transformers import LogitsProcessorList
-
             extra["logits_processor"] = LogitsProcessorList([_RowMinNewTokens(width, list(min_new_tokens), eos)])
         with ctx:
             gen = model.generate(**batch, max_new_tokens=max(max_new_tokens), do_sample=False, num_beams=1,
