@@ -12,9 +12,9 @@ copy to --out.
 import argparse
 import dataclasses
 import json
-import logging
 from pathlib import Path
 
+from mllmcl.cli import setup_logging
 from mllmcl.config import load_config
 from mllmcl.data.source import load_configured_stream
 from mllmcl.data.synthetic.calibrate import calibrate, format_markdown
@@ -28,7 +28,7 @@ def main(argv=None):
     ap.add_argument("--out", default="artifacts/calibration", help="folder for calibration.md/.json")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging("%(message)s")
     rows = []
     for stream_name in [s.strip() for s in args.stream.split(",") if s.strip()]:
         cfg = load_config(args.config, [*args.overrides, f"data.stream={stream_name}"])

@@ -12,6 +12,7 @@ import sys
 
 from mllmcl import storage
 from mllmcl.evaluation.compare import load_run_metrics, markdown_table
+from mllmcl.paths import absolute
 
 
 def main(argv=None) -> int:
@@ -20,16 +21,26 @@ def main(argv=None) -> int:
     ap.add_argument("--labels", default=None, help="comma-separated row labels (default: method names)")
     ap.add_argument("--out", default=None, help="also write the table to this file or URI")
     args = ap.parse_args(argv)
-    try:
-        metrics = [load_run_metrics(r) for r in args.runs]
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    runs = [absolute(r) for r in args.runs]
+    metrics, problems = [], []
+    for run in runs:
+        try:
+            metrics.append(load_run_metrics(run))
+        except FileNotFoundError as e:
+            problems.append(str(e))
     labels = args.labels.split(",") if args.labels else None
+    if labels is not None and len(labels) != len(runs):
+        problems.append(f"--labels names {len(labels)} rows for {len(runs)} runs")
+    if problems:
+        print("error: " + "\n       ".join(problems), file=sys.stderr)
+        return 2
     table = markdown_table(metrics, labels)
     print(table)
+    print()
+    for run in runs:
+        print(f"{run}  (report: {storage.join(run, 'report', 'report.html')})")
     if args.out:
-        storage.write_text(args.out, table + "\n")
+        storage.write_text(absolute(args.out), table + "\n")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Domain continual-learning stream: RS -> Med -> AD -> Sci -> Fin.
 
-Laptop (synthetic stream, tiny VLM, local folder ./artifacts):
+Laptop (synthetic stream, tiny VLM, ./artifacts under the folder it runs from):
     python jobs/domain_stream.py
     python jobs/domain_stream.py run.id=demo storage.root=/tmp/mllmcl
 Real data and checkpoint:
@@ -9,7 +9,9 @@ Real data and checkpoint:
 
 Default method: MR-LoRA; any registered method by name (``--help`` lists them):
     python jobs/domain_stream.py method.name=olora run.id=dcl-olora
-On a running Ray cluster: ``ray job submit --working-dir . -- python jobs/domain_stream.py`` (README).
+On a running Ray cluster (README): ``ray job submit --working-dir . -- python jobs/domain_stream.py
+storage.root=$HOME/mllmcl`` (the job runs in Ray's temporary copy of the folder, so a relative
+storage root is refused there).
 """
 
 import sys

@@ -12,10 +12,11 @@ s3://. Writes per-sample predictions (<task>.parquet) and scores.json to --out (
 
 import argparse
 import json
-import logging
 import sys
 
+from mllmcl.cli import setup_logging
 from mllmcl.errors import MllmclError
+from mllmcl.paths import absolute, output_location_problems
 
 
 def main(argv=None) -> int:
@@ -33,11 +34,17 @@ def main(argv=None) -> int:
     ap.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor")
     ap.add_argument("--limit", type=int, default=0, help="first N samples only (0 = all)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
+        from mllmcl.errors import ConfigError
         from mllmcl.serving.evaluate import evaluate_run
 
-        r = evaluate_run(args.run, args.data, task=args.task, out=args.out, stage=args.stage, backend=args.backend,
+        problems = output_location_problems({"--out": args.out} if args.out else {})
+        if problems:
+            raise ConfigError(problems)
+        out = absolute(args.out) if args.out else None  # Ray Data actors run elsewhere: paths are anchored here
+        r = evaluate_run(absolute(args.run), absolute(args.data), task=args.task, out=out, stage=args.stage,
+                         backend=args.backend,
                          batch_size=args.batch_size, concurrency=args.concurrency, num_cpus=args.num_cpus,
                          num_gpus=args.num_gpus, limit=args.limit)
     except (MllmclError, FileNotFoundError) as e:

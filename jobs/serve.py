@@ -19,12 +19,13 @@ Settings (host, port, batching, replicas, autoscaling, resources, request limits
 """
 
 import argparse
-import logging
 import os
 import sys
 import time
 
+from mllmcl.cli import setup_logging
 from mllmcl.errors import MllmclError
+from mllmcl.paths import absolute
 
 
 def main(argv=None) -> int:
@@ -33,12 +34,13 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=None, help="serving settings (YAML); defaults: ServeConfig")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. port=8001 experts.num_gpus=1")
     args = ap.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         from mllmcl.serving import load_serve_config, load_served_run
 
-        cfg = load_serve_config(args.config, args.overrides)
-        load_served_run(args.run, cfg.stage, model_path=cfg.model_path, dtype=cfg.dtype,
+        run_uri = absolute(args.run)  # replicas run in folders of their own: paths are anchored here
+        cfg = load_serve_config(absolute(args.config) if args.config else None, args.overrides)
+        load_served_run(run_uri, cfg.stage, model_path=cfg.model_path, dtype=cfg.dtype,
                         base_only=cfg.base_only)  # every problem is reported before Ray starts
     except MllmclError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
 
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
     init_ray()
-    run = start(args.run, cfg)
+    run = start(run_uri, cfg)
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
     print(f"serving run {run.run_id} stage {run.stage} ({run.method}; experts {', '.join(run.experts)}"
           f"{'; MR-LoRA router' if run.routed else ''}) at {url}/v1/chat/completions", flush=True)

@@ -30,7 +30,47 @@ def test_defaults_and_dotted_overrides():
     assert cfg.data.tasks == ("RS", "Med")
     assert cfg.lora.target_modules == ("q_proj", "v_proj")
     assert cfg.run.id == "demo" and cfg.run.progress is False
-    assert cfg.model.path == "tiny" and cfg.storage.root == "artifacts"
+    assert cfg.model.path == "tiny" and cfg.data.root == "synthetic"
+    assert cfg.storage.root == str(Path.cwd() / "artifacts")  # the default, anchored where the caller runs
+
+
+def test_local_paths_are_made_absolute_where_the_config_is_read(tmp_path, monkeypatch):
+    """Ray workers, actors, replicas and trials run in folders of their own: every local path of
+    a config (plain, ~ or file://) is absolute once read; URIs and the built-in names are kept."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(None, ["storage.root=out/runs", "data.root=file://data/release", "model.path=~/models/llava"])
+    assert cfg.storage.root == str(tmp_path / "out" / "runs")
+    assert cfg.data.root == str(tmp_path / "data" / "release")
+    assert cfg.model.path == str(tmp_path / "home" / "models" / "llava")
+    kept = load_config(None, ["storage.root=s3://bucket/mllmcl", "data.root=synthetic", "model.path=tiny"])
+    assert (kept.storage.root, kept.data.root, kept.model.path) == ("s3://bucket/mllmcl", "synthetic", "tiny")
+    assert load_config(None, ["storage.root=file:///srv/runs"]).storage.root == "/srv/runs"
+    raw = load_config(None, ["storage.root=out"], resolve=False)
+    assert raw.storage.root == "out"
+
+
+def test_relative_outputs_are_refused_inside_a_ray_job_copy(tmp_path, monkeypatch):
+    """Under `ray job submit --working-dir`, the job runs in Ray's temporary copy of the folder:
+    a relative storage root would be deleted with the session, so the job refuses it before any
+    work, naming what to pass; absolute paths and s3:// are fine."""
+    from argparse import Namespace
+
+    from mllmcl.cli import resolve
+    from mllmcl.paths import output_location_problems, ray_job_copy
+
+    copy = tmp_path / "session_2026" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    (copy / "jobs").mkdir(parents=True)
+    monkeypatch.chdir(copy / "jobs")
+    assert ray_job_copy() == str(copy)
+    with pytest.raises(ConfigError) as e:
+        resolve(Namespace(config=None, overrides=["method.name=zero_shot"]), "dcl")
+    assert "storage.root='artifacts' is a relative path" in str(e.value) and "s3://" in str(e.value)
+    ok = resolve(Namespace(config=None, overrides=[f"storage.root={tmp_path / 'keep'}"]), "dcl")
+    assert ok.storage.root == str(tmp_path / "keep")
+    assert output_location_problems({"--out": "s3://bucket/x", "storage": "/abs"}) == []
+    monkeypatch.chdir(tmp_path)
+    assert ray_job_copy() is None and output_location_problems({"--out": "rel"}) == []
 
 
 def test_override_beats_preset(tmp_path):

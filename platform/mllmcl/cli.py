@@ -8,8 +8,16 @@ import logging
 import sys
 import time
 
-from mllmcl.config import Config, load_config
-from mllmcl.errors import MllmclError
+from mllmcl.config import Config, absolute_paths, load_config
+from mllmcl.errors import ConfigError, MllmclError
+from mllmcl.paths import absolute, output_location_problems
+
+
+def setup_logging(fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
+    """The job's terminal: the platform's progress (``mllmcl`` at INFO) and everyone's warnings
+    and errors; other libraries' INFO lines (matplotlib's font cache, ...) stay out."""
+    logging.basicConfig(level=logging.WARNING, format=fmt)
+    logging.getLogger("mllmcl").setLevel(logging.INFO)
 
 
 def stream_parser(prog: str, doc: str, stream: str) -> argparse.ArgumentParser:
@@ -24,10 +32,17 @@ def stream_parser(prog: str, doc: str, stream: str) -> argparse.ArgumentParser:
 
 
 def resolve(args, stream: str) -> Config:
+    """The job's config with every local path absolute against the caller's working directory
+    (before anything reaches Ray); a relative storage root is refused where it would be lost
+    (inside Ray's temporary copy of a submitted job's working directory)."""
     overrides = list(args.overrides)
     if not any(o.startswith("data.stream=") for o in overrides) and args.config is None:
         overrides.insert(0, f"data.stream={stream}")
-    return load_config(args.config, overrides)
+    cfg = load_config(absolute(args.config) if args.config else None, overrides, resolve=False)
+    problems = output_location_problems({"storage.root": cfg.storage.root})
+    if problems:
+        raise ConfigError(problems)
+    return absolute_paths(cfg)
 
 
 def new_run_id(cfg: Config) -> str:
@@ -50,7 +65,7 @@ def print_summary(result) -> None:
 
 
 def run_stream_job(prog: str, doc: str, stream: str, argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = stream_parser(prog, doc, stream).parse_intermixed_args(argv)
     try:
         cfg = resolve(args, stream)

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from mllmcl.errors import ConfigError
+from mllmcl.paths import absolute, is_uri
 
 
 # --------------------------------------------------------------------------- sections
@@ -506,7 +507,40 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML preset (or the defaults) and apply dotted ``key=value`` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                resolve: bool = True) -> Config:
+    """Load a YAML preset (or the defaults) and apply dotted ``key=value`` overrides; with
+    ``resolve`` (the default) local paths are made absolute against the working directory
+    (:func:`absolute_paths`)."""
     data = load_yaml(path) if path else {}
-    return config_from_dict(data, overrides)
+    cfg = config_from_dict(data, overrides)
+    return absolute_paths(cfg) if resolve else cfg
+
+
+# --------------------------------------------------------------------------- paths
+
+SYNTHETIC_DATA = "synthetic"  # data.root: the offline twin, built into the cache
+TINY_MODEL = "tiny"  # model.path: the tiny preset, built into the cache
+
+
+def local_paths(cfg: Config) -> dict[str, str]:
+    """The config's local paths as given (dotted key -> value): what :func:`absolute_paths` anchors."""
+    out = {"storage.root": cfg.storage.root}
+    if cfg.data.root != SYNTHETIC_DATA:
+        out["data.root"] = cfg.data.root
+    if cfg.model.path != TINY_MODEL:
+        out["model.path"] = cfg.model.path
+    return {k: v for k, v in out.items() if v and not is_uri(v)}
+
+
+def absolute_paths(cfg: Config, cwd: str | None = None) -> Config:
+    """``cfg`` with every local path (storage root, data root, model path; plain, ``~`` or
+    ``file://``) absolute against ``cwd`` (default: the working directory). Ray workers,
+    actors, replicas and trials run elsewhere: they must never see a relative path."""
+    paths = {k: absolute(v, cwd) for k, v in local_paths(cfg).items()}
+    if not paths:
+        return cfg
+    return dataclasses.replace(
+        cfg, storage=dataclasses.replace(cfg.storage, root=paths.get("storage.root", cfg.storage.root)),
+        data=dataclasses.replace(cfg.data, root=paths.get("data.root", cfg.data.root)),
+        model=dataclasses.replace(cfg.model, path=paths.get("model.path", cfg.model.path)))

@@ -6,10 +6,12 @@ deployment's replicas, autoscaling and resources. YAML + dotted overrides, like 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mllmcl.config import build_dataclass, load_yaml
+from mllmcl.config import TINY_MODEL, build_dataclass, load_yaml
+from mllmcl.paths import absolute
 
 
 @dataclass(frozen=True)
@@ -108,4 +110,9 @@ class ServeConfig:
 
 
 def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ServeConfig:
-    return build_dataclass(ServeConfig, load_yaml(path) if path else {}, overrides)
+    """Settings from YAML + dotted overrides; a local ``model_path`` is made absolute against the
+    working directory (replicas run in folders of their own)."""
+    cfg = build_dataclass(ServeConfig, load_yaml(path) if path else {}, overrides)
+    if cfg.model_path and cfg.model_path != TINY_MODEL:
+        cfg = dataclasses.replace(cfg, model_path=absolute(cfg.model_path))
+    return cfg

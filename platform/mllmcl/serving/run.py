@@ -16,6 +16,7 @@ from mllmcl.data.types import Stream, Task, TaskSpec
 from mllmcl.errors import ConfigError
 from mllmcl.methods import get_method
 from mllmcl.methods.base import NotServable, Stage
+from mllmcl.paths import absolute
 from mllmcl.storage.layout import RunLayout
 from mllmcl.storage.manifest import Manifest
 
@@ -47,8 +48,9 @@ class ServedRun:
 
 
 def split_run_uri(uri: str) -> RunLayout:
-    """``<root>/runs/<run_id>`` (local folder or ``s3://``) as a layout."""
-    uri = str(uri).rstrip("/")
+    """``<root>/runs/<run_id>`` (local folder, absolute or relative to here, or ``s3://``) as a layout
+    whose paths are absolute: replicas and Ray Data actors read them from folders of their own."""
+    uri = absolute(str(uri)).rstrip("/")
     parent, _, run_id = uri.rpartition("/")
     root, _, runs = parent.rpartition("/")
     if runs != "runs" or not run_id:

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import yaml
 
 from mllmcl import storage
-from mllmcl.config import Config
+from mllmcl.config import SYNTHETIC_DATA, TINY_MODEL, Config, absolute_paths
 from mllmcl.data.checksums import release_changes, release_manifest
 from mllmcl.data.source import load_configured_stream
 from mllmcl.data.types import Sample
@@ -30,6 +30,7 @@ from mllmcl.methods import get_method
 from mllmcl.methods.base import Stage
 from mllmcl.models.adapters import adapter_exists
 from mllmcl.models.loading import resolve_checkpoint
+from mllmcl.paths import absolute
 from mllmcl.provenance import config_hash, provenance
 from mllmcl.storage.layout import RunLayout, relative_adapter
 from mllmcl.storage.manifest import Manifest
@@ -195,6 +196,10 @@ def _check_resume(manifest: Manifest, cfg: Config, layout: RunLayout) -> None:
     if before:  # a setting added to the platform after the run was made: the run had its default behaviour
         defaults = identity(Config())
         before.update({k: defaults[k] for k in now if k not in before and k in defaults})
+        # runs made before paths were resolved at the boundary stored them as given (relative to here)
+        for key, keep in (("data.root", SYNTHETIC_DATA), ("model.path", TINY_MODEL)):
+            if isinstance(before.get(key), str) and before[key] != keep:
+                before[key] = absolute(before[key])
     diff = [f"{k}: run has {before.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(before) | set(now))
             if not k.startswith(RESUMABLE_CHANGES) and before.get(k) != now.get(k)]
     if not diff:
@@ -219,6 +224,7 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
     from mllmcl.training.trainer import run_training
 
     t_start = time.time()
+    cfg = absolute_paths(cfg)  # a no-op for configs read by load_config; workers never see a relative path
     stream, model_path, method = prepare(cfg)
     layout = RunLayout(cfg.storage.root, run_id)
     manifest = Manifest.load(layout)

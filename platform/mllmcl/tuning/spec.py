@@ -28,8 +28,9 @@ from typing import Any
 
 import yaml
 
-from mllmcl.config import Config, load_config, load_yaml
+from mllmcl.config import Config, load_config, load_yaml, local_paths
 from mllmcl.errors import ConfigError
+from mllmcl.paths import absolute, is_relative, output_location_problems
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 STREAM_METRICS = ("MFT", "MFN", "MAA", "BWT", "forgetting")  # reported after every task by every method
@@ -253,13 +254,23 @@ def parse_spec(data: Any, source: Path | None = None, overrides: list[str] | Non
     if search.type == "optuna" and any(p.kind == "grid" for p in space):
         problems.append("space: grid is not supported with search.type=optuna (use choice)")
 
+    # paths are anchored here, in the caller's working directory: trials run in folders of their own
+    store = str(data.get("storage", "artifacts"))
+    problems += output_location_problems({"storage": store})
+    store = absolute(store)
+    try:
+        given = load_config(base, fixed, resolve=False)
+        fixed += [f"{k}={absolute(v)}" for k, v in local_paths(given).items() if k != "storage.root" and is_relative(v)]
+    except ConfigError:
+        pass  # reported below, with the base config's other problems
+
     resources = data.get("trial_resources") or {}
     spec = SweepSpec(name=name, base=base, overrides=tuple(fixed), space=tuple(space), objective=objective,
                      scheduler=scheduler, search=search, num_samples=int(data.get("num_samples", 6)),
                      max_concurrent=int(data.get("max_concurrent", 2)),
                      trial_cpus=float(resources.get("cpus", 0.0)),
                      trial_memory_gb=float(resources.get("memory_gb", 1.0)),
-                     storage=str(data.get("storage", "artifacts")), source=str(source or ""))
+                     storage=store, source=str(source or ""))
     if spec.num_samples < 1 or spec.max_concurrent < 1:
         problems.append("num_samples and max_concurrent must be >= 1")
 
