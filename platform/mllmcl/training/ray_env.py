@@ -8,15 +8,28 @@ import os
 log = logging.getLogger(__name__)
 
 
-FORWARDED = ("MLLMCL_CACHE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+FORWARDED = ("MLLMCL_CACHE", "MLLMCL_RAY_TRAIN_LOG_LEVEL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
+             "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 
 def forwarded_env() -> dict[str, str]:
     """Environment the driver passes to its Ray workers and actors (cache location, S3 access)."""
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    from mllmcl.paths import absolute
+
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_DISABLE_PROGRESS_BARS": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1")}
     env.update({k: os.environ[k] for k in FORWARDED if os.environ.get(k)})
+    if "MLLMCL_CACHE" in env:  # workers run in other folders: a relative cache would be another cache
+        env["MLLMCL_CACHE"] = absolute(env["MLLMCL_CACHE"])
     return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -38,6 +51,16 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         log.info("joined Ray cluster at %s", address)
     else:
-        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False,
-                 log_to_driver=True)
+        # A local cluster for this job. The dashboard (on 127.0.0.1) serves Ray's State API, which
+        # Ray Train's PlacementGroupCleaner polls: without it every fit logs "Failed to query Ray
+        # Train Controller actor state" every second. A single local node is never preempted, so
+        # Ray Train's preemption watcher (one more actor per fit, which logs an error line at
+        # start) is off; a user's own setting wins.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # The State API client finds "its" cluster by scanning the machine for Ray processes and
+        # fails ("Found multiple active Ray instances") where another Ray runs: name the dashboard.
+        port = _free_port()
+        runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=True,
+                 dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True)
         log.info("started a local Ray (%s CPUs)", num_cpus or os.cpu_count())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import tempfile
 
 import torch
@@ -79,8 +80,10 @@ class DeepSpeedRun:
 
     def __init__(self, model, optimizer, scheduler, *, batch_size: int, world: int, zero_stage: int, offload: str,
                  grad_clip: float, bf16: bool):
-        import deepspeed  # its CPU comm op compiles on first use into torch's extension cache (make install
-        # pre-builds it; TORCH_EXTENSIONS_DIR moves the cache)
+        prebuilt = os.path.join(sys.prefix, "torch_extensions")  # `make install` builds DeepSpeed's CPU comm op
+        if os.path.isdir(prebuilt):  # there; otherwise it compiles on first use into torch's extension cache
+            os.environ.setdefault("TORCH_EXTENSIONS_DIR", prebuilt)
+        import deepspeed
 
         _ensure_process_group()
         if world == 1:  # launchers (Ray Train, torchrun) set it; a lone process is local rank 0

@@ -84,7 +84,7 @@ def run_local_training(request: TrainRequest, cfg: Config, model_path: str, chec
 
 def run_ray_training(request: TrainRequest, cfg: Config, model_path: str, checkpoints_uri: str) -> TrainOutcome:
     """A Ray Train ``TorchTrainer``; a failed worker group restarts from the last checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mllmcl.training.ray_env import forwarded_env
@@ -104,6 +104,10 @@ def run_ray_training(request: TrainRequest, cfg: Config, model_path: str, checkp
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=sc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             # Ray Train's own INFO lines (worker group started, every checkpoint and
+                             # report) stay in Ray's log files; its warnings and errors reach the terminal
+                             logging_config=LoggingConfig(log_level=os.environ.get("MLLMCL_RAY_TRAIN_LOG_LEVEL",
+                                                                                   "WARNING")),
                              worker_runtime_env={"env_vars": forwarded_env()}),
     )
     t0 = time.time()
