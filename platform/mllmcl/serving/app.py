@@ -16,11 +16,12 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from mllmcl.serving.config import ServeConfig, load_serve_config
-from mllmcl.serving.protocol import RequestError, completion_response, max_body_bytes, parse_chat_request
+from mllmcl.serving.protocol import (RequestError, completion_chunks, completion_response, max_body_bytes,
+                                     parse_chat_request)
 from mllmcl.serving.run import ServedRun, load_served_run
 from mllmcl.storage.layout import relative_adapter
 
@@ -209,6 +210,7 @@ class _Ingress:
         self.names = list(run.experts)
         self.limits = cfg.limits
         self._tokens = _TokenCounter(run, cfg)
+        self.created = int(time.time())
 
     def _error(self, e: RequestError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
@@ -219,13 +221,19 @@ class _Ingress:
 
     @api.get("/v1/models")
     async def models(self) -> dict:
+        """The routed ensemble first (its id is the run id: the router picks the expert), then
+        every expert (its task name: pins it and skips the router)."""
         from mllmcl.routing.router import LETTERS
 
-        data = [{"id": name, "object": "model", "owned_by": "mllmcl",
-                 "mllmcl": {"letter": LETTERS[i], "stage": self.run.stage, "run_id": self.run.run_id,
-                            "adapter": None if uri is None else relative_adapter(uri, self.run.run_uri)}}
-                for i, (name, uri) in enumerate(self.run.experts.items())]
-        return {"object": "list", "data": data}
+        ensemble = {"id": self.run.run_id, "object": "model", "created": self.created, "owned_by": "mllmcl",
+                    "mllmcl": {"kind": "ensemble", "routed": self.run.routed, "stage": self.run.stage,
+                               "method": self.run.method, "experts": self.names}}
+        experts = [{"id": name, "object": "model", "created": self.created, "owned_by": "mllmcl",
+                    "mllmcl": {"kind": "expert", "letter": LETTERS[i], "stage": self.run.stage,
+                               "run_id": self.run.run_id,
+                               "adapter": None if uri is None else relative_adapter(uri, self.run.run_uri)}}
+                   for i, (name, uri) in enumerate(self.run.experts.items())]
+        return {"object": "list", "data": [ensemble, *experts]}
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Any:
@@ -234,7 +242,7 @@ class _Ingress:
             if length and length.isdigit() and int(length) > max_body_bytes(self.limits):
                 raise RequestError(413, f"request body is {length} bytes; the limit is {max_body_bytes(self.limits)}",
                                    None, "request_too_large")
-            req = parse_chat_request(await request.body(), self.limits, self.run.experts)
+            req = parse_chat_request(await request.body(), self.limits, self.run.experts, ensemble=self.run.run_id)
             self._tokens.check(req.text, req.image_size, self.run)
             routing: dict = {"mode": "single", "stage": self.run.stage}
             if req.model is not None:
@@ -253,7 +261,11 @@ class _Ingress:
                                         f"({max_new} tokens); give max_tokens too", "min_tokens")
             out = await self.pool.options(multiplexed_model_id=expert).generate.remote(
                 expert, req.text, req.image, max_new, req.min_tokens)
-            return JSONResponse(completion_response(expert, out, {"routing": routing, "run_id": self.run.run_id}))
+            extra = {"routing": routing, "run_id": self.run.run_id}
+            if req.stream:  # the answer is complete here: errors above are still plain JSON with a status
+                return StreamingResponse(iter(completion_chunks(expert, out, extra, req.include_usage)),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return JSONResponse(completion_response(expert, out, extra))
         except RequestError as e:
             return self._error(e)
         except Exception as e:  # a failure of one request never takes the service down

@@ -1,7 +1,9 @@
 """The OpenAI chat-completions request the service accepts, checked before any model runs.
 
-One user turn: text plus exactly one image as a base64 data URL. ``model`` (optional)
-pins an expert by name and skips the router. Everything else is refused with a 4xx
+One user turn: text plus exactly one image as a base64 data URL. ``model`` names the
+routed ensemble (the run id, as ``/v1/models`` lists it; omitted, ``auto`` or ``router``
+mean the same) or pins an expert by name and skips the router. ``stream: true`` answers
+as server-sent events in OpenAI's chunk format. Everything else is refused with a 4xx
 and an OpenAI-style error body naming the problem.
 """
 
@@ -39,6 +41,8 @@ class ChatRequest:
     max_tokens: int | None
     image_size: tuple[int, int] = (0, 0)  # (width, height)
     min_tokens: int = 0  # vLLM's extension: no end of sequence before this many new tokens
+    stream: bool = False  # answer as server-sent events (chat.completion.chunk)
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
 
 
 def max_body_bytes(limits: LimitSettings) -> int:
@@ -50,19 +54,22 @@ def _looks_like_location(name: str) -> bool:
     return bool(re.search(r"[/\\:~]", name)) or name.startswith(".")
 
 
-def check_model(model, experts) -> str | None:
+def check_model(model, experts, ensemble: str | None = None) -> str | None:
+    """The pinned expert, or None for the routed ensemble (``ensemble``: its model id, the run id)."""
     if model is None:
         return None
     if not isinstance(model, str):
         raise RequestError(400, f"'model' must be a string naming an expert, got {type(model).__name__}", "model")
-    if model.strip().lower() in AUTO_MODELS:
+    if model.strip().lower() in AUTO_MODELS or (ensemble is not None and model == ensemble):
         return None
+    choices = ([ensemble] if ensemble else []) + list(experts)
     if _looks_like_location(model):
         raise RequestError(400, f"model {model!r} looks like a path or URI: experts load only from this run's "
-                                f"registered adapters; name one of {list(experts)}", "model", "model_not_allowed")
+                                f"registered adapters; name one of {choices}", "model", "model_not_allowed")
     if model not in experts:
-        raise RequestError(404, f"unknown expert {model!r}: this run serves {list(experts)} (or omit 'model' to "
-                                f"let the router choose)", "model", "model_not_found")
+        ens = f"{ensemble!r} (the routed ensemble) or " if ensemble else ""
+        raise RequestError(404, f"unknown expert {model!r}: this run serves {ens}the experts {list(experts)}",
+                           "model", "model_not_found")
     return model
 
 
@@ -132,7 +139,7 @@ def _user_content(messages) -> list:
     return content
 
 
-def parse_chat_request(body: bytes, limits: LimitSettings, experts) -> ChatRequest:
+def parse_chat_request(body: bytes, limits: LimitSettings, experts, ensemble: str | None = None) -> ChatRequest:
     if len(body) > max_body_bytes(limits):
         raise RequestError(413, f"request body is {len(body)} bytes; the limit is {max_body_bytes(limits)}", None,
                            "request_too_large")
@@ -145,11 +152,17 @@ def parse_chat_request(body: bytes, limits: LimitSettings, experts) -> ChatReque
                            "invalid_json") from None
     if not isinstance(data, dict):
         raise RequestError(400, f"request body must be a JSON object, got {type(data).__name__}", None, "invalid_json")
-    if data.get("stream"):
-        raise RequestError(400, "streaming responses are not supported (set 'stream' to false)", "stream")
+    stream = data.get("stream") or False
+    if not isinstance(stream, bool):
+        raise RequestError(400, f"stream={stream!r}: expected true or false", "stream")
+    options = data.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise RequestError(400, "stream_options: expected {\"include_usage\": true|false}", "stream_options")
+    if options and not stream:
+        raise RequestError(400, "stream_options is only allowed with stream: true", "stream_options")
     if data.get("n", 1) != 1:
         raise RequestError(400, "only n=1 is supported (decoding is greedy)", "n")
-    model = check_model(data.get("model"), experts)
+    model = check_model(data.get("model"), experts, ensemble)
     texts, images = [], []
     for part in _user_content(data.get("messages")):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -191,7 +204,12 @@ def parse_chat_request(body: bytes, limits: LimitSettings, experts) -> ChatReque
                                 f"({max_tokens or limits.max_tokens})", "min_tokens")
     image, size = _decode_image(images[0], limits)
     return ChatRequest(text=text, image=image, model=model, max_tokens=max_tokens, image_size=size,
-                       min_tokens=min_tokens)
+                       min_tokens=min_tokens, stream=stream, include_usage=bool(options.get("include_usage")))
+
+
+def _usage(completion: dict) -> dict:
+    return {"prompt_tokens": completion["prompt_tokens"], "completion_tokens": completion["completion_tokens"],
+            "total_tokens": completion["prompt_tokens"] + completion["completion_tokens"]}
 
 
 def completion_response(expert: str, completion: dict, extra: dict) -> dict:
@@ -200,10 +218,28 @@ def completion_response(expert: str, completion: dict, extra: dict) -> dict:
         "model": expert,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": completion["text"]},
                      "finish_reason": completion["finish_reason"]}],
-        "usage": {"prompt_tokens": completion["prompt_tokens"], "completion_tokens": completion["completion_tokens"],
-                  "total_tokens": completion["prompt_tokens"] + completion["completion_tokens"]},
+        "usage": _usage(completion),
         "mllmcl": {"expert": expert, **extra},
     }
+
+
+def completion_chunks(expert: str, completion: dict, extra: dict, include_usage: bool = False) -> list[str]:
+    """The answer as OpenAI ``chat.completion.chunk`` server-sent events: the role, the whole
+    answer in one chunk (decoding is batched: the answer exists before the first byte is
+    sent), the finish reason, the usage if asked for, then ``[DONE]``."""
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": expert}
+
+    def chunk(delta: dict, finish: str | None, **more) -> dict:
+        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **more}
+
+    events = [chunk({"role": "assistant", "content": ""}, None, mllmcl={"expert": expert, **extra})]
+    if completion["text"]:
+        events.append(chunk({"content": completion["text"]}, None))
+    events.append(chunk({}, completion["finish_reason"]))
+    if include_usage:
+        events.append({**head, "choices": [], "usage": _usage(completion)})
+    return [f"data: {json.dumps(e)}\n\n" for e in events] + ["data: [DONE]\n\n"]
 
 
 def chat_request(text: str, image: bytes, model: str | None = None, mime: str = "image/png", **extra) -> dict:
