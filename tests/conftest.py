@@ -1,23 +1,70 @@
-"""Shared fixtures: an isolated cache, a tiny backbone, and a real S3 server (SeaweedFS)."""
+"""Shared fixtures: an isolated home and caches, a tiny backbone, a real S3 server (SeaweedFS),
+one Ray for the session.
+
+Nothing the suite runs writes outside temporary folders: before anything else is imported,
+``HOME``, ``XDG_CACHE_HOME``, ``MPLCONFIGDIR``, ``TORCH_EXTENSIONS_DIR``, ``MLLMCL_CACHE``
+and ``RAY_TMPDIR`` point into one session folder (Ray writes ``~/.ray/auth_token``,
+matplotlib its font cache, DeepSpeed its compiled ops). Every subprocess a test starts
+inherits them.
+"""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="mllmcl-tests-"))
+atexit.register(shutil.rmtree, SESSION_DIR, ignore_errors=True)
+ISOLATED = {
+    "HOME": SESSION_DIR / "home",
+    "XDG_CACHE_HOME": SESSION_DIR / "home" / ".cache",
+    "MPLCONFIGDIR": SESSION_DIR / "matplotlib",
+    "TORCH_EXTENSIONS_DIR": SESSION_DIR / "torch_extensions",
+    # one tiny base and one synthetic release per session; MLLMCL_TEST_CACHE names a folder to keep
+    # them in between sessions instead (a developer's choice; CI and `make test` never set it)
+    "MLLMCL_CACHE": Path(os.environ.get("MLLMCL_TEST_CACHE") or SESSION_DIR / "mllmcl-cache"),
+}
+if not os.environ.get("RAY_TMPDIR"):  # Ray's socket paths must stay short: a short folder of its own
+    ISOLATED["RAY_TMPDIR"] = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    atexit.register(shutil.rmtree, ISOLATED["RAY_TMPDIR"], ignore_errors=True)
+_prebuilt = Path(sys.prefix) / "torch_extensions"  # DeepSpeed's CPU comm op, built by `make install`
+if _prebuilt.is_dir():
+    shutil.copytree(_prebuilt, ISOLATED["TORCH_EXTENSIONS_DIR"], symlinks=True)
+for _name, _path in ISOLATED.items():
+    _path.mkdir(parents=True, exist_ok=True)
+    os.environ[_name] = str(_path)
+os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one process less per fit; nothing preempts here
+
+import pytest  # noqa: E402  (after the environment: plugins may read it)
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that reaches the S3 server (directly or through a fixture) must be marked ``s3``,
+    so that ``make test-fast`` (-m "not slow and not s3") never starts SeaweedFS. A test that
+    uses the session's Ray (``ray_session``) is ``slow``: Ray's start-up and every Ray Train fit
+    cost seconds each on 2 cores, and ``make test-fast`` stays within minutes without them."""
+    unmarked = []
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "s3_server" in names and item.get_closest_marker("s3") is None:
+            unmarked.append(item.nodeid)
+        if "ray_session" in names and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+    if unmarked:
+        raise pytest.UsageError("tests that use the S3 server without the s3 marker:\n  " + "\n  ".join(unmarked))
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +85,6 @@ def small_tiny_spec():
 def small_tiny_path(small_tiny_spec, tmp_path_factory):
     from mllmcl.models.tiny import build_tiny_base
 
-    os.environ.setdefault("MLLMCL_CACHE", str(tmp_path_factory.mktemp("mllmcl-cache")))
     return build_tiny_base(small_tiny_spec, progress=False)
 
 
@@ -151,7 +197,6 @@ def ray_session(tmp_path_factory):
     """One local Ray cluster for the whole test run (never `ray stop`: we stop only what we started)."""
     import ray
 
-    os.environ.setdefault("MLLMCL_CACHE", str(tmp_path_factory.mktemp("mllmcl-cache")))
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "MLLMCL_CACHE": os.environ["MLLMCL_CACHE"]}})

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _reference import assert_mixed_batch_matches_reference
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|image_pad|>", "<|video_pad|>"]
@@ -95,6 +96,7 @@ def _images():
     return out
 
 
+@pytest.mark.s3
 def test_loads_from_a_folder_and_from_s3(qwen_path, s3_bucket):
     from mllmcl import storage
     from mllmcl.models import load_backbone
@@ -199,18 +201,12 @@ def test_an_mr_lora_stream_on_qwen2_vl_trains_and_serves(qwen_path, synthetic_sm
     for text, image in zip(texts[:3], images[:3]):
         n = engine.collator.prompt_batch([text], engine.pixels([image]))["input_ids"].shape[1]
         assert counter.count(text, image.size) == n
+    served = load_served_run(str(run))
     experts = [t for _, t in rows]
     assert not engine.one_forward(experts)  # the merger sees all patches at once: one generate per expert
-    _assert_mixed_equals_alone(engine, texts, images, experts)
+    assert_mixed_batch_matches_reference(engine, str(qwen_path), served.experts, texts, images, 3, 3)
 
 
-def _assert_mixed_equals_alone(engine, texts, images, adapters):
-    mixed = engine.generate(texts, images, adapters, [3] * len(texts), [3] * len(texts))
-    for name in set(adapters):
-        idx = [i for i, a in enumerate(adapters) if a == name]
-        alone = engine.generate([texts[i] for i in idx], [images[i] for i in idx], [name] * len(idx), [3] * len(idx),
-                                [3] * len(idx))
-        assert [mixed[i].text for i in idx] == [a.text for a in alone]
 
 
 def test_mixed_expert_batch_runs_in_one_forward_on_qwen2_vl(qwen_path, tmp_path):
@@ -235,6 +231,8 @@ def test_mixed_expert_batch_runs_in_one_forward_on_qwen2_vl(qwen_path, tmp_path)
     texts = ["What is it?", "Count the circles.", "Which color?"] * 2
     adapters = ["e0", "e1", None, "e1", "e0", "e1"]
     assert engine.one_forward(adapters)
-    _assert_mixed_equals_alone(engine, texts, images, adapters)
+    assert_mixed_batch_matches_reference(engine, str(qwen_path), {"e0": str(tmp_path / "e0"),
+                                                                  "e1": str(tmp_path / "e1"), None: None},
+                                         texts, images, 3, 3)
     answers = engine.generate(texts, images, adapters, [3] * 6, [3] * 6)
     assert len({a.text for a in answers}) > 1

@@ -208,18 +208,17 @@ def test_experts_train_their_own_projector(tmp_path, stream_overrides, small_tin
     assert not any("multi_modal_projector" in n for n in router)  # the router keeps the base projector
     assert len(res.matrix.rows) == 2
     # serving's one-forward mixed batch gives each row its own expert's projector too
+    from _reference import assert_mixed_batch_matches_reference
+
     from mllmcl.data.prompts import eval_prompt
     from mllmcl.data.release import load_image, load_stream
     from mllmcl.serving.engine import Ensemble
     from mllmcl.serving.run import load_served_run
 
-    engine = Ensemble(load_served_run(res.run_dir)).engine
+    served = load_served_run(res.run_dir)
+    engine = Ensemble(served).engine
     rows = [(s, t.name) for t in load_stream(str(synthetic_small), "dcl", ["RS", "Med"]) for s in t.test[:3]]
     texts, images = [eval_prompt(s) for s, _ in rows], [load_image(s.image) for s, _ in rows]
-    mixed = engine.generate(texts, images, [t for _, t in rows], [4] * len(rows))
-    for task in ("RS", "Med"):
-        idx = [i for i, (_, t) in enumerate(rows) if t == task]
-        alone = engine.generate([texts[i] for i in idx], [images[i] for i in idx], [task] * len(idx), [4] * len(idx))
-        assert [mixed[i].text for i in idx] == [a.text for a in alone]
+    assert_mixed_batch_matches_reference(engine, served.model_path, served.experts, texts, images, 4)
     with pytest.raises(ConfigError, match="train_projector"):
         load_config(None, ["lora.train_projector=true", "method.name=olora"])

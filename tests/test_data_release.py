@@ -16,6 +16,7 @@ from mllmcl.data.checksums import release_changes, release_manifest
 from mllmcl.errors import ConfigError
 
 
+@pytest.mark.s3
 def test_manifest_is_about_content_not_location(fixture_release, s3_bucket):
     local = release_manifest(load_stream(str(fixture_release), "acl", tasks=["OCR", "VP"]), hash_images=True)
     storage.upload_dir(str(fixture_release), f"{s3_bucket}/MLLM-CL")

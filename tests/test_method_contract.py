@@ -141,6 +141,10 @@ def test_local_backend_resumes_a_half_done_fit(root, stream_overrides, monkeypat
         marker.unlink()
     resumed = run_stream(cfg, "local-failed")
     assert resumed.matrix.rows == clean.matrix.rows
+    expert = Path(resumed.run_dir) / "tasks" / "0_RS" / "expert"
+    assert json.loads((expert / "meta.json").read_text())["resumed_from_step"] == 2  # not retrained from step 0
+    assert json.loads((Path(clean.run_dir) / "tasks" / "0_RS" / "expert" / "meta.json").read_text())[
+        "resumed_from_step"] == 0
     w1 = load_peft_weights(str(Path(clean.run_dir) / "tasks" / "0_RS" / "expert"))
     w2 = load_peft_weights(str(Path(resumed.run_dir) / "tasks" / "0_RS" / "expert"))
     assert all(float((w1[k] - w2[k]).abs().max()) == 0.0 for k in w1)

@@ -99,7 +99,10 @@ BAD_REQUESTS = [  # (name, body bytes, status, words in the message)
      "path or URI"),
     ("two turns", json.dumps({"messages": [{"role": "system", "content": "be brief"},
                                            {"role": "user", "content": "hi"}]}).encode(), 400, "exactly one message"),
-    ("streaming", json.dumps({**chat_request("hi", _png()), "stream": True}).encode(), 400, "streaming"),
+    ("stream not a boolean", json.dumps({**chat_request("hi", _png()), "stream": "yes"}).encode(), 400,
+     "stream='yes'"),
+    ("stream_options without stream", json.dumps({**chat_request("hi", _png()), "stream_options": {
+        "include_usage": True}}).encode(), 400, "only allowed with stream"),
     ("max_tokens out of range", json.dumps({**chat_request("hi", _png()), "max_tokens": 0}).encode(), 400,
      "max_tokens"),
     ("min_tokens over max_tokens", json.dumps({**chat_request("hi", _png()), "max_tokens": 4, "min_tokens": 5}).encode(),
@@ -131,6 +134,12 @@ def test_parse_accepts_a_good_request():
     assert (fixed.max_tokens, fixed.min_tokens) == (6, 6)
     auto = parse_chat_request(json.dumps(chat_request("q", image, model="auto")).encode(), LimitSettings(), {"RS": "x"})
     assert auto.model is None
+    ensemble = parse_chat_request(json.dumps({**chat_request("q", image, model="run-1"), "stream": True}).encode(),
+                                  LimitSettings(), {"RS": "x"}, ensemble="run-1")
+    assert (ensemble.model, ensemble.stream) == (None, True)
+    with pytest.raises(RequestError, match="'run-1' \\(the routed ensemble\\)"):
+        parse_chat_request(json.dumps(chat_request("q", image, model="run-2")).encode(), LimitSettings(), {"RS": "x"},
+                           ensemble="run-1")
 
 
 def test_serve_config_is_validated():
@@ -162,8 +171,12 @@ def test_served_run_plan_and_refusals(run, tmp_path):
         load_served_run(str(fake))
 
 
-def test_mixed_expert_batch_equals_one_adapter_at_a_time(run, synthetic_small):
-    """One generate over rows that use different experts gives each row its own expert's answer."""
+def test_mixed_expert_batch_answers_as_each_expert_alone(run, synthetic_small):
+    """One generate over rows that use different experts gives each row its own expert's answer:
+    checked against plain PEFT (each expert loaded alone, one question at a time) and against
+    the stream runner's cached answers, on inputs where the experts disagree."""
+    from _reference import assert_mixed_batch_matches_reference
+
     from mllmcl.data.prompts import eval_prompt
     from mllmcl.data.release import load_image
     from mllmcl.serving.engine import Ensemble
@@ -174,11 +187,10 @@ def test_mixed_expert_batch_equals_one_adapter_at_a_time(run, synthetic_small):
     rows = [(s, task.name) for task in stream for s in task.test[:4]]
     rows = rows[::2] + rows[1::2]  # experts interleaved in the batch
     texts, images = [eval_prompt(s) for s, _ in rows], [load_image(s.image) for s, _ in rows]
+    assert_mixed_batch_matches_reference(engine, served.model_path, served.experts, texts, images, 4)
     mixed = engine.generate(texts, images, [t for _, t in rows], [4] * len(rows))
-    for task in TASKS:
+    for task in TASKS:  # the stream runner's evaluation worker answered the same
         idx = [i for i, (_, t) in enumerate(rows) if t == task]
-        alone = engine.generate([texts[i] for i in idx], [images[i] for i in idx], [task] * len(idx), [4] * len(idx))
-        assert [mixed[i].text for i in idx] == [a.text for a in alone]
         k = TASKS.index(task)
         assert [mixed[i].text for i in idx] == [_oracle(run, k, task)[rows[i][0].uid] for i in idx]
     # per-row minimum lengths (``min_tokens``): rows with a minimum run on, the others answer as before
@@ -192,6 +204,7 @@ def test_mixed_expert_batch_equals_one_adapter_at_a_time(run, synthetic_small):
     assert any(mixed[i].finish_reason == "stop" for i in range(len(rows)) if floor[i])  # else it changed nothing
 
 
+@pytest.mark.s3
 def test_evaluate_from_s3_matches_local(run, synthetic_small, s3_bucket):
     """The run's artifacts in S3 serve the same answers (batch evaluation, in-process backend)."""
     from mllmcl import storage
@@ -282,10 +295,51 @@ def test_pinned_experts_answer_like_each_expert(run, service, synthetic_small):
 
 def test_models_and_health(service):
     models = _get(f"{service}/v1/models")
-    assert [m["id"] for m in models["data"]] == TASKS
-    assert [m["mllmcl"]["letter"] for m in models["data"]] == ["A", "B", "C"]
+    assert [m["id"] for m in models["data"]] == ["served", *TASKS]  # the routed ensemble (run id), then experts
+    assert models["data"][0]["mllmcl"]["kind"] == "ensemble" and models["data"][0]["mllmcl"]["routed"]
+    assert [m["mllmcl"]["letter"] for m in models["data"][1:]] == ["A", "B", "C"]
     health = _get(f"{service}/healthz")
     assert health["status"] == "ok" and health["routed"] and health["stage"] == len(TASKS) - 1
+
+
+def test_stock_openai_client_gets_routed_pinned_and_streamed_answers(run, service, synthetic_small):
+    """The ``openai`` package as users run it: the ensemble id from ``models.list()`` reaches the
+    router (the same answers and experts as the stream runner), an expert id pins it, and
+    ``stream=True`` yields the answer through the SDK's streaming iterator."""
+    import base64
+
+    from openai import OpenAI
+
+    from mllmcl import storage
+    from mllmcl.data.prompts import eval_prompt
+
+    client = OpenAI(base_url=f"{service}/v1", api_key="unused", max_retries=0, timeout=120)
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["served", *TASKS]
+    final = _final(run)
+    samples = [task.test[0] for task in _samples(synthetic_small)]
+
+    def messages(s):
+        url = "data:image/png;base64," + base64.b64encode(storage.read_bytes(s.image)).decode()
+        return [{"role": "user", "content": [{"type": "text", "text": eval_prompt(s)},
+                                             {"type": "image_url", "image_url": {"url": url}}]}]
+
+    for s in samples:
+        routed = client.chat.completions.create(model=ids[0], messages=messages(s))
+        assert (routed.model, routed.choices[0].message.content) == (final[s.uid]["expert"], final[s.uid]["prediction"])
+        assert routed.model_extra["mllmcl"]["routing"]["mode"] == "router"
+        pinned = client.chat.completions.create(model=s.task, messages=messages(s))
+        assert pinned.model == s.task and pinned.model_extra["mllmcl"]["routing"]["mode"] == "pinned"
+        chunks = list(client.chat.completions.create(model=ids[0], messages=messages(s), stream=True,
+                                                     stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == routed.choices[0].message.content
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == routed.choices[0].finish_reason
+        assert chunks[-1].usage.completion_tokens == routed.usage.completion_tokens
+    from openai import NotFoundError
+
+    with pytest.raises(NotFoundError, match="routed ensemble"):
+        client.chat.completions.create(model="nope", messages=messages(samples[0]))
 
 
 def test_bad_requests_get_4xx_and_the_service_stays_up(service, synthetic_small):

@@ -32,15 +32,17 @@ def reference(ray_session, runs_root, stream_overrides):
 
 # Methods whose Ray path differs (adapter recipe, adapter format in the evaluation actor, router
 # training, text embeddings on the actor, no training). replay and joint run exactly lora_ft's
-# Ray path (the lora recipe on other samples); every method also runs end to end in the
+# Ray path (the lora recipe on other samples); mr_lora's (experts + router on Ray Train) is the
+# README tier's default stream (tests/test_readme.py); every method also runs end to end in the
 # contract test (tests/test_method_contract.py), on the local backend.
-RAY_PATHS = ["lora_ft", "mr_lora", "moelora", "disco_select", "zero_shot"]
+RAY_PATHS = ["lora_ft", "moelora", "disco_select", "zero_shot"]
+ON_RAY_IN_THE_README_TIER = {"mr_lora"}
 
 
 def test_every_method_is_covered_on_ray_or_shares_a_covered_path():
     shares_lora_ft = {"replay", "joint"}
     peft_recipe = {"olora"}  # a PEFT adapter like lora_ft's; its recipe runs in the same worker loop (contract test)
-    assert set(registered_methods()) <= set(RAY_PATHS) | shares_lora_ft | peft_recipe
+    assert set(registered_methods()) <= set(RAY_PATHS) | shares_lora_ft | peft_recipe | ON_RAY_IN_THE_README_TIER
 
 
 @pytest.mark.parametrize("method", RAY_PATHS)
@@ -70,8 +72,6 @@ def test_every_method_runs_a_stream(method, ray_session, runs_root, stream_overr
         assert 0.0 <= m["router_accuracy"] <= 100.0 and len(m["router_accuracy_per_stage"]) == 2
         assert m["oracle_final"] is not None
         assert m["eval_cache_hits"] > 0  # RS expert's answers from stage 0 reused at stage 1
-    if method == "mr_lora":
-        assert (run / "tasks" / "1_Med" / "router" / "adapter_config.json").exists()
     if method == "disco_select":
         proto = json.loads((run / "tasks" / "1_Med" / "prototype.json").read_text())
         assert proto["task"] == "Med" and len(proto["embedding"]) > 0
@@ -123,6 +123,14 @@ def test_two_workers_match_one_and_a_killed_worker_resumes(ray_session, runs_roo
     assert markers, "the failure was not injected"
     for m in markers:
         m.unlink()
+    # the restarted worker group continued from a checkpoint (a restart from step 0 would end with
+    # the same weights: data order and seeds are deterministic). Ray Train's report is asynchronous:
+    # a rank killed right after reporting step 2 may die before the controller registers that
+    # checkpoint, and the group then resumes from step 1's (both seen here)
+    meta = json.loads((Path(two.run_dir) / "tasks" / "1_Med" / "expert" / "meta.json").read_text())
+    assert meta["resumed_from_step"] in (1, 2) and (meta["steps"], meta["workers"]) == (4, 2)
+    assert json.loads((Path(two.run_dir) / "tasks" / "0_RS" / "expert" / "meta.json").read_text())[
+        "resumed_from_step"] == 0
     for k, task in enumerate(["RS", "Med"]):
         w1 = load_peft_weights(str(Path(reference.run_dir) / "tasks" / f"{k}_{task}" / "expert"))
         w2 = load_peft_weights(str(Path(two.run_dir) / "tasks" / f"{k}_{task}" / "expert"))
@@ -168,6 +176,7 @@ def test_deepspeed_zero2_runs_a_stream_and_resumes(ray_session, runs_root, strea
     run = Path(res.run_dir)
     meta = json.loads((run / "tasks" / "1_Med" / "expert" / "meta.json").read_text())
     assert (meta["strategy"], meta["workers"]) == ("deepspeed", 2)
+    assert meta["resumed_from_step"] in (1, 2)  # from a DeepSpeed checkpoint, not retrained from step 0 (above)
     ckpts = sorted((run / "tasks" / "1_Med" / "checkpoints_lora").rglob("zero_pp_rank_*_optim_states.pt"))
     assert {p.name for p in ckpts} >= {"zero_pp_rank_0_mp_rank_00_optim_states.pt",
                                        "zero_pp_rank_1_mp_rank_00_optim_states.pt"}  # both ranks' shards

@@ -152,6 +152,12 @@ class LocalSession:
 
 def train_worker(config: dict) -> None:
     """Ray Train's per-worker entry point."""
+    from ray.train.v2._internal.execution import context
+
+    # Ray Train logs every report at INFO on a logger named after its file (not under
+    # ``ray.train``, so RunConfig's LoggingConfig misses it): a line per checkpoint in the
+    # user's terminal. Its warnings and errors still show.
+    logging.getLogger(context.__file__).setLevel(os.environ.get("MLLMCL_RAY_TRAIN_LOG_LEVEL", "WARNING"))
     train_adapter(config, RayTrainSession())
 
 
@@ -243,12 +249,14 @@ def train_adapter(config: dict, session) -> None:
                     extra_loss=recipe.extra_loss, on_step=on_step, stepper=stepper)
     with ds.full_parameters(model) if ds is not None else contextlib.nullcontext():
         if rank == 0:
-            _save_final(recipe, model, request, config, steps, world)
+            _save_final(recipe, model, request, config, steps, world, start)
 
 
-def _save_final(recipe, model, request, config: dict, steps: int, world: int) -> None:
-    """Rank 0 writes the finished adapter and what trained it to the run's storage."""
+def _save_final(recipe, model, request, config: dict, steps: int, world: int, resumed_from: int) -> None:
+    """Rank 0 writes the finished adapter and what trained it to the run's storage
+    (``resumed_from_step``: the checkpoint's step this fit continued from; 0 = trained from the start)."""
     meta = {"task": request.task, "stage": request.stage, "kind": request.kind, "steps": steps,
+            "resumed_from_step": resumed_from,
             "samples": len(request.samples), "workers": world, "effective_batch": request.train.batch_size,
             "strategy": config.get("strategy", "ddp"),
             "train": config["request"]["train"], "lora": config["request"]["lora"],
