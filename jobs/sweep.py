@@ -11,9 +11,9 @@ results.csv, best.yaml, objective_by_task.png).
 """
 
 import argparse
-import logging
 import sys
 
+from mllmcl.cli import setup_logging
 from mllmcl.errors import MllmclError
 
 
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default=None, help="sweep name: results under <storage>/sweeps/<name>/")
     ap.add_argument("--restart", action="store_true", help="do not resume an existing sweep of the same name")
     args = ap.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         from mllmcl.tuning import load_spec
         from mllmcl.tuning.report import format_table
@@ -49,7 +49,13 @@ def main(argv=None) -> int:
     if result.pareto:
         print(f"Pareto set ({', '.join(spec.search.metrics)}): {', '.join(result.pareto)}")
     print(f"results: {result.root}/results.json, results.csv, objective_by_task.png")
-    return 0 if result.best else 1
+    if not result.best:
+        errors = [r for r in result.rows if r["stop_reason"].startswith("error")]
+        why = (f"; trial {errors[0]['trial_id']} failed with {errors[0]['stop_reason'][len('error: '):]}"
+               f" ({len(errors)} of {len(result.rows)} trials failed)" if errors else "")
+        print(f"error: no trial completed the stream{why}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -190,9 +190,23 @@ def run_sweep(spec: SweepSpec, resume: bool = True) -> SweepResult:
 
 # --------------------------------------------------------------------------- results
 
+def root_error(exc: BaseException) -> str:
+    """``Type: message`` of the error that failed a trial, not of Ray's wrappers around it
+    (a ``RayTaskError``'s first line is the task's name and PID)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {(lines[0] if lines else '')[:300]}"
+
+
 def _stop_reason(result, n_tasks: int) -> str:
     if result.error is not None:
-        return f"error: {type(result.error).__name__}: {str(result.error).splitlines()[0][:200]}"
+        return f"error: {root_error(result.error)}"
     task = int((result.metrics or {}).get(TIME_ATTR, 0))
     if task >= n_tasks:
         return "completed"
