@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	  || echo "warning: DeepSpeed's CPU comm op did not build (a C++ compiler is needed for scaling.strategy=deepspeed on CPU)"
 	touch $@
 
-# The paper's point in ~5 minutes on 2 cores (tiny-base build included): MR-LoRA beside sequential
+# The paper's point in ~4.5 minutes on 2 cores (tiny-base build included): MR-LoRA beside sequential
 # LoRA-FT over the whole synthetic DCL stream, at a small budget (400 train samples per task,
 # 6 epochs), in this process (scaling.backend=local: the same runner, methods and training loop
 # without Ray, whose start-up per fit would double the time here). The README lists these lines
