@@ -16,7 +16,7 @@ import sys
 
 from mllmcl.cli import setup_logging
 from mllmcl.errors import MllmclError
-from mllmcl.paths import absolute, output_location_problems
+from mllmcl.paths import output_location
 
 
 def main(argv=None) -> int:
@@ -36,17 +36,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     setup_logging()
     try:
-        from mllmcl.errors import ConfigError
         from mllmcl.serving.evaluate import evaluate_run
 
-        problems = output_location_problems({"--out": args.out} if args.out else {})
-        if problems:
-            raise ConfigError(problems)
-        out = absolute(args.out) if args.out else None  # Ray Data actors run elsewhere: paths are anchored here
-        r = evaluate_run(absolute(args.run), absolute(args.data), task=args.task, out=out, stage=args.stage,
-                         backend=args.backend,
-                         batch_size=args.batch_size, concurrency=args.concurrency, num_cpus=args.num_cpus,
-                         num_gpus=args.num_gpus, limit=args.limit)
+        out = output_location(args.out, "--out") if args.out else None  # refused where it would be lost
+        r = evaluate_run(args.run, args.data, task=args.task, out=out, stage=args.stage,
+                         backend=args.backend, batch_size=args.batch_size, concurrency=args.concurrency,
+                         num_cpus=args.num_cpus, num_gpus=args.num_gpus, limit=args.limit)
     except (MllmclError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,8 @@ import sys
 from mllmcl.cli import setup_logging
 from mllmcl.data.release import load_stream
 from mllmcl.data.synthetic import SyntheticSpec, write_synthetic
-from mllmcl.paths import absolute, output_location_problems
+from mllmcl.errors import ConfigError
+from mllmcl.paths import output_location
 
 
 def main(argv=None):
@@ -28,13 +29,14 @@ def main(argv=None):
     ap.add_argument("--streams", default="dcl,acl", help="comma-separated: dcl, acl")
     args = ap.parse_args(argv)
     setup_logging("%(message)s")
-    problems = output_location_problems({"--out": args.out})
-    if problems:
-        print("error: " + "\n       ".join(problems), file=sys.stderr)
+    try:
+        out = output_location(args.out, "--out")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     spec = SyntheticSpec(n_train=args.train, n_test=args.test, image_size=args.image_size, seed=args.seed,
                          streams=tuple(s.strip() for s in args.streams.split(",") if s.strip()))
-    out = write_synthetic(absolute(args.out), spec)
+    out = write_synthetic(out, spec)
     for s in spec.streams:
         stream = load_stream(str(out), s)
         print(f"{s}: " + ", ".join(f"{t.name} {len(t.train)}/{len(t.test)}" for t in stream))

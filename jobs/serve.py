@@ -38,9 +38,8 @@ def main(argv=None) -> int:
     try:
         from mllmcl.serving import load_serve_config, load_served_run
 
-        run_uri = absolute(args.run)  # replicas run in folders of their own: paths are anchored here
         cfg = load_serve_config(absolute(args.config) if args.config else None, args.overrides)
-        load_served_run(run_uri, cfg.stage, model_path=cfg.model_path, dtype=cfg.dtype,
+        load_served_run(args.run, cfg.stage, model_path=cfg.model_path, dtype=cfg.dtype,
                         base_only=cfg.base_only)  # every problem is reported before Ray starts
     except MllmclError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -53,7 +52,7 @@ def main(argv=None) -> int:
 
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
     init_ray()
-    run = start(run_uri, cfg)
+    run = start(args.run, cfg)  # the run's path is made absolute as it is loaded (replicas run elsewhere)
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
     print(f"serving run {run.run_id} stage {run.stage} ({run.method}; experts {', '.join(run.experts)}"
           f"{'; MR-LoRA router' if run.routed else ''}) at {url}/v1/chat/completions", flush=True)

@@ -362,11 +362,11 @@ JOB_BUDGET = "'data.tasks=[RS]' data.limit=20 train.max_steps=2 eval.max_new_tok
 
 
 def _submitted_run(out: subprocess.CompletedProcess) -> Path:
+    """The run a submitted README job wrote where the user said (storage.root=$HOME/mllmcl)."""
     assert out.returncode == 0, f"{out.line}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     run = Path(os.environ["HOME"]) / "mllmcl" / "runs" / "demo"
     assert f"artifacts: {run}" in out.stdout + out.stderr
     assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
-    assert (run / "tasks" / "0_RS" / "expert" / "meta.json").exists()
     return run
 
 
@@ -379,6 +379,7 @@ def test_ray_job_submit_without_authentication(checkout):
         assert refused.returncode != 0 and "storage.root='artifacts' is a relative path" in text, text[-3000:]
         assert "stage 1/1" not in text
         run = _submitted_run(head.submit(SUBMIT_OPEN, checkout, JOB_BUDGET))
+        assert (run / "tasks" / "0_RS" / "expert" / "meta.json").exists()  # trained on this cluster's Ray Train
         shutil.rmtree(run)
     finally:
         head.stop()
@@ -396,12 +397,8 @@ def test_ray_job_submit_with_token_authentication(checkout):
         assert plain.returncode != 0 and "AuthenticationError" in plain.stdout + plain.stderr
         # the token reaches the job; the stream on this cluster's Ray Train is the test above, so
         # here the smallest budget of all: no training (the run itself is checked the same way)
-        out = head.submit(SUBMIT_TOKEN, checkout, "'data.tasks=[RS]' data.limit=20 eval.max_new_tokens=4 "
-                                                  "method.name=zero_shot")
-        assert out.returncode == 0, f"{out.line}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-        run = Path(os.environ["HOME"]) / "mllmcl" / "runs" / "demo"
-        assert f"artifacts: {run}" in out.stdout + out.stderr
-        assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
+        run = _submitted_run(head.submit(SUBMIT_TOKEN, checkout, "'data.tasks=[RS]' data.limit=20 "
+                                                                 "eval.max_new_tokens=4 method.name=zero_shot"))
         shutil.rmtree(run)
     finally:
         head.stop()

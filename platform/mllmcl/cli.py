@@ -9,8 +9,8 @@ import sys
 import time
 
 from mllmcl.config import Config, absolute_paths, load_config
-from mllmcl.errors import ConfigError, MllmclError
-from mllmcl.paths import absolute, output_location_problems
+from mllmcl.errors import MllmclError
+from mllmcl.paths import absolute, output_location
 
 
 def setup_logging(fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
@@ -39,9 +39,7 @@ def resolve(args, stream: str) -> Config:
     if not any(o.startswith("data.stream=") for o in overrides) and args.config is None:
         overrides.insert(0, f"data.stream={stream}")
     cfg = load_config(absolute(args.config) if args.config else None, overrides, resolve=False)
-    problems = output_location_problems({"storage.root": cfg.storage.root})
-    if problems:
-        raise ConfigError(problems)
+    output_location(cfg.storage.root, "storage.root")
     return absolute_paths(cfg)
 
 

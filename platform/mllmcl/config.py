@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from mllmcl.errors import ConfigError
-from mllmcl.paths import absolute, is_uri
+from mllmcl.paths import SYNTHETIC_DATA, TINY_MODEL, absolute, is_uri
 
 
 # --------------------------------------------------------------------------- sections
@@ -518,10 +518,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 # --------------------------------------------------------------------------- paths
-
-SYNTHETIC_DATA = "synthetic"  # data.root: the offline twin, built into the cache
-TINY_MODEL = "tiny"  # model.path: the tiny preset, built into the cache
-
 
 def local_paths(cfg: Config) -> dict[str, str]:
     """The config's local paths as given (dotted key -> value): what :func:`absolute_paths` anchors."""

@@ -14,34 +14,37 @@ import os
 from pathlib import Path
 
 
+SYNTHETIC_DATA = "synthetic"  # data.root: the offline twin of the streams, built into the cache
+TINY_MODEL = "tiny"  # model.path: the tiny VLM preset, built into the cache
+
+
 def is_uri(value: str) -> bool:
     """``s3://...`` and other schemes except ``file://`` (which is a local path)."""
     return "://" in str(value) and not str(value).startswith("file://")
+
+
+def _local(value: str) -> str | None:
+    """The local path ``value`` names (``file://`` dropped, ``~`` expanded); None for a URI or ""."""
+    value = str(value)
+    if not value or is_uri(value):
+        return None
+    return os.path.expanduser(value[len("file://"):] if value.startswith("file://") else value)
 
 
 def absolute(value: str, cwd: str | os.PathLike | None = None) -> str:
     """A local path (plain, ``~/...`` or ``file://...``) made absolute against ``cwd``
     (default: this process's working directory), normalised; URIs are returned as they are.
     ``file://`` is dropped: storage reads plain absolute paths."""
-    value = str(value)
-    if not value or is_uri(value):
-        return value
-    if value.startswith("file://"):
-        value = value[len("file://"):]
-    path = os.path.expanduser(value)
-    if not os.path.isabs(path):
-        path = os.path.join(os.fspath(cwd) if cwd is not None else os.getcwd(), path)
-    return os.path.normpath(path)
+    path = _local(value)
+    if path is None:
+        return str(value)
+    return os.path.normpath(os.path.join(os.fspath(cwd) if cwd is not None else os.getcwd(), path))
 
 
 def is_relative(value: str) -> bool:
     """A local path that :func:`absolute` would anchor to the working directory."""
-    value = str(value)
-    if not value or is_uri(value):
-        return False
-    if value.startswith("file://"):
-        value = value[len("file://"):]
-    return not os.path.isabs(os.path.expanduser(value))
+    path = _local(value)
+    return path is not None and not os.path.isabs(path)
 
 
 def ray_job_copy(cwd: str | os.PathLike | None = None) -> str | None:
@@ -69,6 +72,17 @@ def output_location_problems(locations: dict[str, str], cwd: str | os.PathLike |
             f"directory ({copy}), which Ray deletes with the session: the results would be lost. Pass an "
             f"absolute path on a disk the cluster keeps ({what}=/data/mllmcl) or an s3:// prefix "
             f"({what}=s3://bucket/mllmcl)" for what, value in locations.items() if is_relative(value)]
+
+
+def output_location(value: str, what: str, cwd: str | os.PathLike | None = None) -> str:
+    """Where a job writes (``what`` names the setting, e.g. ``--out``): absolute, and refused with a
+    :class:`~mllmcl.errors.ConfigError` where a relative path would be lost (see above)."""
+    from mllmcl.errors import ConfigError
+
+    problems = output_location_problems({what: value}, cwd)
+    if problems:
+        raise ConfigError(problems)
+    return absolute(value, cwd)
 
 
 def cache_dir() -> Path:

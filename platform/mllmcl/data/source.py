@@ -5,8 +5,9 @@ from __future__ import annotations
 from mllmcl.data.release import load_stream
 from mllmcl.data.synthetic.writer import SyntheticSpec, default_synthetic_root, ensure_synthetic
 from mllmcl.data.types import Stream
+from mllmcl.paths import SYNTHETIC_DATA
 
-SYNTHETIC = "synthetic"
+SYNTHETIC = SYNTHETIC_DATA
 
 
 def synthetic_spec(data_cfg) -> SyntheticSpec:

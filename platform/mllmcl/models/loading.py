@@ -16,11 +16,11 @@ from mllmcl import storage
 from mllmcl.errors import ModelLoadError
 from mllmcl.models.batching import DEFAULT_MAX_LENGTH, Collator
 from mllmcl.models.families import Family, family_for
-from mllmcl.paths import cache_dir
+from mllmcl.paths import TINY_MODEL, cache_dir
 
 log = logging.getLogger(__name__)
 
-TINY = "tiny"
+TINY = TINY_MODEL
 
 
 @dataclass

@@ -10,8 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mllmcl.config import TINY_MODEL, build_dataclass, load_yaml
-from mllmcl.paths import absolute
+from mllmcl.config import build_dataclass, load_yaml
+from mllmcl.paths import TINY_MODEL, absolute
 
 
 @dataclass(frozen=True)

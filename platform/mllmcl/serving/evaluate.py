@@ -18,6 +18,7 @@ from mllmcl.data.release import load_image, load_test_folder
 from mllmcl.data.streams import STREAMS, get_stream_spec
 from mllmcl.data.types import TaskSpec
 from mllmcl.errors import DataError
+from mllmcl.paths import absolute
 from mllmcl.serving.run import ServedRun, load_served_run
 from mllmcl.storage.layout import relative_adapter
 
@@ -104,6 +105,7 @@ def evaluate_run(run_uri: str, data: str, *, task: str | None = None, out: str |
     if backend not in ("ray", "local"):
         raise ValueError(f"backend={backend!r}: expected ray or local")
     t0 = time.time()
+    data, out = absolute(data), absolute(out) if out else None  # Ray Data actors run in folders of their own
     run = load_served_run(run_uri, stage, model_path=model_path, dtype=dtype)
     if not storage.exists(storage.join(data, "test.json")):
         raise DataError(f"{data}: no test.json (expected a task folder of the MLLM-CL release)")

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import yaml
 
 from mllmcl import storage
-from mllmcl.config import SYNTHETIC_DATA, TINY_MODEL, Config, absolute_paths
+from mllmcl.config import Config, absolute_paths
 from mllmcl.data.checksums import release_changes, release_manifest
 from mllmcl.data.source import load_configured_stream
 from mllmcl.data.types import Sample
@@ -30,7 +30,7 @@ from mllmcl.methods import get_method
 from mllmcl.methods.base import Stage
 from mllmcl.models.adapters import adapter_exists
 from mllmcl.models.loading import resolve_checkpoint
-from mllmcl.paths import absolute
+from mllmcl.paths import SYNTHETIC_DATA, TINY_MODEL, absolute
 from mllmcl.provenance import config_hash, provenance
 from mllmcl.storage.layout import RunLayout, relative_adapter
 from mllmcl.storage.manifest import Manifest
