@@ -90,7 +90,7 @@ def run(strategy: str, args, device) -> dict:
         engine = model
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else None
     else:
-        from mllmcl.training.strategy import DeepSpeedRun
+        from mllmcl.training.deepspeed import DeepSpeedRun
 
         model = model.to(device)
         optimizer, scheduler = make_optimizer(model, settings, args.steps)

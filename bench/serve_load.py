@@ -109,7 +109,7 @@ def make_compute_run(width: int = 512, steps: int = 120) -> str:
     from mllmcl.config import load_config
     from mllmcl.models.tiny import TinyVLMSpec, build_tiny_base
     from mllmcl.paths import cache_dir
-    from mllmcl.training.stream import run_stream
+    from mllmcl import run_stream
 
     base = build_tiny_base(TinyVLMSpec(text_hidden=width, text_layers=4, heads=width // 64, vision_hidden=128,
                                        pretrain_steps=20, pretrain_pool=256), progress=False)

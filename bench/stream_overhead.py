@@ -24,10 +24,12 @@ from pathlib import Path
 
 from mllmcl.config import load_config
 from mllmcl.data.source import load_configured_stream
-from mllmcl.evaluation import evaluate_task, pixel_cache_for
+from mllmcl.data.release import load_image
+from mllmcl.engine import Engine, evaluate_task
+from mllmcl.models.batching import PixelCache
 from mllmcl.models import attach_lora, load_backbone
 from mllmcl.training import fit
-from mllmcl.training.stream import run_stream
+from mllmcl import run_stream
 
 
 def plain_loop(cfg) -> float:
@@ -35,12 +37,12 @@ def plain_loop(cfg) -> float:
     t0 = time.time()
     stream = load_configured_stream(cfg.data, progress=False)
     bb = load_backbone(cfg.model.path)
-    pixels = pixel_cache_for(bb.collator)
+    pixels = PixelCache(bb.collator.images, load_image)
     model = attach_lora(copy.deepcopy(bb.model), cfg.lora.settings())
     for k, task in enumerate(stream):
         fit(model, bb.collator, pixels, task.train, cfg.train.settings(cfg.run.seed + k))
         for seen in stream.tasks[: k + 1]:
-            evaluate_task(model, bb.collator, pixels, seen.spec, seen.test, batch_size=cfg.eval.batch_size,
+            evaluate_task(Engine.from_model(model, bb.collator), seen.spec, seen.test, batch_size=cfg.eval.batch_size,
                           max_new_tokens=cfg.eval.max_new_tokens or None)
     return time.time() - t0
 

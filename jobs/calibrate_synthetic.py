@@ -17,7 +17,7 @@ from pathlib import Path
 from mllmcl.cli import setup_logging
 from mllmcl.config import load_config
 from mllmcl.data.source import load_configured_stream
-from mllmcl.data.synthetic.calibrate import calibrate, format_markdown
+from mllmcl.calibration import calibrate, format_markdown
 from mllmcl.models import load_backbone
 
 

@@ -10,8 +10,7 @@ accuracy for routed methods.
 import argparse
 import sys
 
-from mllmcl import storage
-from mllmcl.evaluation.compare import load_run_metrics, markdown_table
+from mllmcl import ConfigError, compare_runs, storage
 from mllmcl.paths import absolute
 
 
@@ -22,19 +21,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="also write the table to this file or URI")
     args = ap.parse_args(argv)
     runs = [absolute(r) for r in args.runs]
-    metrics, problems = [], []
-    for run in runs:
-        try:
-            metrics.append(load_run_metrics(run))
-        except FileNotFoundError as e:
-            problems.append(str(e))
-    labels = args.labels.split(",") if args.labels else None
-    if labels is not None and len(labels) != len(runs):
-        problems.append(f"--labels names {len(labels)} rows for {len(runs)} runs")
-    if problems:
-        print("error: " + "\n       ".join(problems), file=sys.stderr)
+    try:
+        table = compare_runs(runs, args.labels.split(",") if args.labels else None)
+    except ConfigError as e:
+        print("error: " + "\n       ".join(e.problems), file=sys.stderr)
         return 2
-    table = markdown_table(metrics, labels)
     print(table)
     print()
     for run in runs:

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     setup_logging()
     try:
-        from mllmcl.serving.evaluate import evaluate_run
+        from mllmcl import evaluate_run
 
         out = output_location(args.out, "--out") if args.out else None  # refused where it would be lost
         r = evaluate_run(args.run, args.data, task=args.task, out=out, stage=args.stage,

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     from ray import serve
 
     from mllmcl.serving.app import start
-    from mllmcl.training.ray_env import init_ray
+    from mllmcl.cluster import init_ray
 
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
     init_ray()

@@ -29,9 +29,8 @@ def main(argv=None) -> int:
     args = ap.parse_intermixed_args(argv)
     setup_logging()
     try:
-        from mllmcl.tuning import load_spec
+        from mllmcl import load_spec, run_sweep
         from mllmcl.tuning.report import format_table
-        from mllmcl.tuning.tune_run import run_sweep
 
         spec = load_spec(args.sweep, args.overrides, num_samples=args.num_samples,
                          max_concurrent=args.max_concurrent, storage=args.storage, name=args.name)

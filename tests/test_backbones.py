@@ -172,8 +172,8 @@ def test_an_mr_lora_stream_on_qwen2_vl_trains_and_serves(qwen_path, synthetic_sm
     from mllmcl.data.source import load_configured_stream
     from mllmcl.serving import load_serve_config, load_served_run
     from mllmcl.serving.app import _TokenCounter
-    from mllmcl.serving.engine import Ensemble
-    from mllmcl.training.stream import run_stream
+    from mllmcl.serving.ensemble import Ensemble
+    from mllmcl import run_stream
 
     cfg = load_config(None, [f"model.path={qwen_path}", f"data.root={synthetic_small}", "data.tasks=[RS,Med]",
                              "method.name=mr_lora", "lora.train_projector=true", "train.max_steps=3",
@@ -216,17 +216,18 @@ def test_mixed_expert_batch_runs_in_one_forward_on_qwen2_vl(qwen_path, tmp_path)
     from mllmcl.models import load_backbone
     from mllmcl.models.adapters import save_adapter
     from mllmcl.models.lora import LoraSettings
-    from mllmcl.serving.engine import AdapterEngine
+    from mllmcl.engine import Engine
+    from mllmcl.models.lora import peft_config
 
     for k in range(2):  # two random experts (PEFT's B starts at zero; random init makes them differ)
         model = load_backbone(str(qwen_path)).model
-        config = LoraSettings(rank=4, dropout=0.0).peft_config()
+        config = peft_config(LoraSettings(rank=4, dropout=0.0))
         config.init_lora_weights = False
         torch.manual_seed(k)
         save_adapter(get_peft_model(model, config), str(tmp_path / f"e{k}"), {"task": f"e{k}"})
-    engine = AdapterEngine(str(qwen_path))
+    engine = Engine(str(qwen_path))
     for k in range(2):
-        engine.load(f"e{k}", str(tmp_path / f"e{k}"))
+        engine.load(str(tmp_path / f"e{k}"), name=f"e{k}")
     images = _images() * 2
     texts = ["What is it?", "Count the circles.", "Which color?"] * 2
     adapters = ["e0", "e1", None, "e1", "e0", "e1"]

@@ -25,19 +25,19 @@ class Toy(nn.Module):
 def _two_adapters(rank=2, alpha=4):
     from peft import get_peft_model
 
-    from mllmcl.models.lora import LoraSettings
+    from mllmcl.models.lora import LoraSettings, peft_config
 
     torch.manual_seed(0)
     settings = LoraSettings(rank=rank, alpha=alpha, dropout=0.0, target_modules=("q_proj",))
-    model = get_peft_model(Toy(), settings.peft_config(), adapter_name="old")
-    model.add_adapter("new", settings.peft_config())
+    model = get_peft_model(Toy(), peft_config(settings), adapter_name="old")
+    model.add_adapter("new", peft_config(settings))
     model.base_model.set_adapter(["old", "new"])
     layer = model.base_model.model.language_model.q_proj
     return model, layer
 
 
 def test_olora_orthogonality_term_matches_hand_computation():
-    from mllmcl.training.recipes import l2_loss, orthogonality_loss
+    from mllmcl.methods.olora import l2_loss, orthogonality_loss
 
     model, layer = _two_adapters()
     with torch.no_grad():
@@ -54,7 +54,7 @@ def test_olora_orthogonality_term_matches_hand_computation():
 
 
 def test_olora_orthogonality_gradient_reaches_only_the_new_adapter():
-    from mllmcl.training.recipes import orthogonality_loss
+    from mllmcl.methods.olora import orthogonality_loss
 
     model, layer = _two_adapters()
     for name, p in model.named_parameters():
@@ -70,7 +70,7 @@ def test_olora_concatenated_adapter_equals_the_sum(tmp_path, alphas):
     from peft import LoraConfig, PeftModel, get_peft_model
     from safetensors.torch import save_file
 
-    from mllmcl.training.recipes import concatenate_lora
+    from mllmcl.methods.olora import concatenate_lora
 
     torch.manual_seed(1)
     base = Toy()
@@ -98,7 +98,7 @@ def test_olora_concatenated_adapter_equals_the_sum(tmp_path, alphas):
 # --------------------------------------------------------------------------- MoELoRA
 
 def _moe(gate="softmax", top_k=2, experts=2, rank=2):
-    from mllmcl.models.moelora import MoELoraSettings, add_moelora
+    from mllmcl.methods.moelora import MoELoraSettings, add_moelora
 
     torch.manual_seed(0)
     s = MoELoraSettings(experts=experts, expert_rank=rank, alpha=float(experts * rank), gate=gate, top_k=top_k,
@@ -149,7 +149,7 @@ def test_moelora_gate_learns_to_route_different_inputs_to_different_experts():
 
 
 def test_moelora_save_load_roundtrip_and_switching(tmp_path):
-    from mllmcl.models.moelora import delete_adapter, load_moelora, save_moelora, set_active
+    from mllmcl.methods.moelora import delete_adapter, load_moelora, save_moelora, set_active
 
     model, layer, s = _moe(gate="topk", top_k=1, experts=2)
     with torch.no_grad():
@@ -169,7 +169,7 @@ def test_moelora_save_load_roundtrip_and_switching(tmp_path):
 
 
 def test_moelora_settings_are_validated():
-    from mllmcl.models.moelora import MoELoraSettings
+    from mllmcl.methods.moelora import MoELoraSettings
 
     with pytest.raises(ValueError, match="top_k"):
         MoELoraSettings(experts=2, gate="topk", top_k=3)
@@ -187,7 +187,7 @@ def test_experts_train_their_own_projector(tmp_path, stream_overrides, small_tin
     from mllmcl.config import load_config
     from mllmcl.errors import ConfigError
     from mllmcl.models import load_backbone
-    from mllmcl.training.stream import run_stream
+    from mllmcl import run_stream
 
     cfg = load_config(None, [*stream_overrides, "scaling.backend=local", "method.name=mr_lora", "train.lr=0.01",
                              "train.max_steps=10", "lora.train_projector=true", "data.tasks=[RS,Med]",
@@ -212,7 +212,7 @@ def test_experts_train_their_own_projector(tmp_path, stream_overrides, small_tin
 
     from mllmcl.data.prompts import eval_prompt
     from mllmcl.data.release import load_image, load_stream
-    from mllmcl.serving.engine import Ensemble
+    from mllmcl.serving.ensemble import Ensemble
     from mllmcl.serving.run import load_served_run
 
     served = load_served_run(res.run_dir)

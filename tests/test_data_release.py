@@ -43,7 +43,7 @@ def test_manifest_sees_edits(fixture_release, tmp_path):
 
 
 def test_run_records_the_release_and_refuses_changed_data(tmp_path, stream_overrides, synthetic_small):
-    from mllmcl.training.stream import run_stream
+    from mllmcl import run_stream
 
     data = tmp_path / "data"
     shutil.copytree(synthetic_small, data)

@@ -7,7 +7,9 @@ import pytest
 
 from mllmcl.config import load_config
 from mllmcl.data.source import load_configured_stream
-from mllmcl.evaluation import evaluate_task, pixel_cache_for
+from mllmcl.data.release import load_image
+from mllmcl.engine import Engine, evaluate_task
+from mllmcl.models.batching import PixelCache
 from mllmcl.models import attach_lora, load_backbone
 from mllmcl.training import fit
 
@@ -25,8 +27,9 @@ def default_setup():
 def test_expert_learns_and_sequential_lora_forgets(default_setup):
     cfg, stream, bb = default_setup
     rs, med = stream.tasks
-    pixels = pixel_cache_for(bb.collator)
-    ev = lambda m, task: evaluate_task(m, bb.collator, pixels, task.spec, task.test, max_new_tokens=8).accuracy
+    pixels = PixelCache(bb.collator.images, load_image)
+    ev = lambda m, task: evaluate_task(Engine.from_model(m, bb.collator), task.spec, task.test,
+                                       max_new_tokens=8).accuracy
 
     zero_shot = ev(bb.model, rs)
     model = attach_lora(copy.deepcopy(bb.model), cfg.lora.settings())

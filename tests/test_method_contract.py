@@ -2,7 +2,7 @@
 
 Runs use ``scaling.backend=local``: the same stream runner, method code, per-worker
 training loop and evaluation worker as on Ray, in this process (the Ray path of every
-adapter recipe is covered in test_stream.py). For each method:
+adapter kind is covered in test_stream.py). For each method:
 
 - it trains and evaluates both stages; every recorded training loss is finite;
 - determinism and no look-ahead: stage 0 of the stream RS→Med and of the stream RS→AD,
@@ -11,7 +11,10 @@ adapter recipe is covered in test_stream.py). For each method:
   deliberately leaky method shows that the check catches it);
 - state saves and restores: the run is stopped after stage 0 and resumed; then a fresh
   method object and a fresh evaluation worker, restored from the manifest and the
-  stored artifacts alone (prediction cache off), answer stage 1 exactly as the run did.
+  stored artifacts alone (prediction cache off), answer stage 1 exactly as the run did;
+- serving: the stage's serving record is in the manifest; a servable routed stage routes
+  every test question, through the batch-evaluation engine of ``mllmcl.serving`` (which
+  never sees the method), to the expert the stream runner chose.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
+from mllmcl import run_stream
 from mllmcl.config import load_config
 from mllmcl.methods import get_method, registered_methods
 from mllmcl.methods.lora_ft import LoraFT
-from mllmcl.training.stream import run_stream
 
 LOCAL = ["scaling.backend=local", "train.lr=0.01", "train.max_steps=30", "method.router_epochs=10"]
 
@@ -61,10 +64,10 @@ def root(tmp_path_factory):
 @pytest.mark.parametrize("method", registered_methods())
 def test_method_contract(method, root, stream_overrides):
     from mllmcl.data.source import load_configured_stream
-    from mllmcl.evaluation.worker import ModelWorker
     from mllmcl.methods.base import Stage
+    from mllmcl.runner.cache import CachedPredictor, PredictionCache
+    from mllmcl.runner.evaluator import EvalWorker
     from mllmcl.storage.layout import RunLayout
-    from mllmcl.training.stream import CachedPredictor, PredictionCache
 
     cfg = _cfg(root, stream_overrides, method, ["RS", "Med"])
     first = run_stream(cfg, f"{method}-a", stop_after=0)  # the driver stops after stage 0 ...
@@ -93,13 +96,35 @@ def test_method_contract(method, root, stream_overrides):
     fresh = get_method(method)(cfg, stream)
     fresh.load_state_dict(manifest["stages"][1]["method_state"] or {})
     layout = RunLayout(cfg.storage.root, f"{method}-a")
-    predictor = CachedPredictor(ModelWorker(cfg.model.path, cfg.model.dtype),
+    formats = [fresh.adapter_format] if fresh.adapter_format else []
+    predictor = CachedPredictor(EvalWorker(cfg.model.path, cfg.model.dtype, formats=formats),
                                 PredictionCache(layout, enabled=False), cfg.eval.batch_size)
     answers = fresh.answer(Stage(1, stream, layout, cfg), predictor)
     assert predictor.generated > 0 and predictor.cache.hits == 0
     for task in ("RS", "Med"):
         stored = [p for _, p, _ in _predictions(run, 1, task)]
         assert answers.predictions[task] == stored, f"{method}: {task} answers differ after reloading"
+
+    # serving: what the manifest records serves the stage; a routed stage routes as the stream did
+    from mllmcl.data.prompts import eval_prompt
+    from mllmcl.serving import load_served_run
+    from mllmcl.serving.ensemble import Ensemble
+
+    record = manifest["stages"][1]["serving"]
+    if "refused" in record:
+        assert method == "moelora" and "PEFT" in record["refused"]
+        return
+    served = load_served_run(str(run))
+    assert served.stage == 1 and served.routed == get_method(method).routed
+    if served.routed:
+        ensemble = Ensemble(served)
+        for task in ("RS", "Med"):
+            samples = {s.uid: s for s in stream.tasks[("RS", "Med").index(task)].test}
+            rows = _predictions(run, 1, task)
+            routes = ensemble.router.route(ensemble.engine, [eval_prompt(samples[q]) for q, _, _ in rows],
+                                           [samples[q].image for q, _, _ in rows])
+            chosen = [f"tasks/{i}_{served.specs[i].name}/expert" for i in (r.index for r in routes)]
+            assert chosen == [e for _, _, e in rows], f"{method}: the service routes {task} otherwise"
 
 
 class LeakyLoraFT(LoraFT):

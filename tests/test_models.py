@@ -108,12 +108,12 @@ def test_pixel_cache_is_bounded_in_bytes(small_tiny_path):
 
 def test_generation_on_a_task_split(small_tiny_path, synthetic_small):
     from mllmcl.data import load_task
-    from mllmcl.evaluation import evaluate_task, pixel_cache_for
+    from mllmcl.engine import Engine, evaluate_task
 
     bb = load_backbone(str(small_tiny_path))
     task = load_task(str(synthetic_small), "dcl", "Fin")
-    ev = evaluate_task(bb.model, bb.collator, pixel_cache_for(bb.collator), task.spec, task.test,
-                       batch_size=4, max_new_tokens=4)
+    ev = evaluate_task(Engine.from_model(bb.model, bb.collator), task.spec, task.test, batch_size=4,
+                       max_new_tokens=4)
     assert len(ev.rows) == len(task.test) and 0.0 <= ev.accuracy <= 100.0
     assert all(r.prompt.endswith(("directly.", "directly")) for r in ev.rows)  # Fin instruction appended
 

@@ -404,3 +404,18 @@ def test_ray_job_submit_with_token_authentication(checkout):
         head.stop()
         if not had:
             token.unlink()
+
+
+def test_the_python_example_runs_as_written(checkout):
+    """The README's notebook example (its ```python block under "From Python"), verbatim, in a
+    fresh copy of the checkout, from the checkout's folder."""
+    code = re.search(r"### From Python.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    assert "mllmcl.run_stream(" in code and "mllmcl.load_run(" in code
+    out = subprocess.run([sys.executable, "-c", code], cwd=checkout, env=_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    run = checkout / "artifacts" / "runs" / "notebook"
+    assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
+    assert "after Med" in out.stdout and "| mr_lora |" in out.stdout and "PredictionRow(question_id=" in out.stdout
+    noise = [word for word in QUIET if word in out.stdout + out.stderr]
+    assert not noise, f"the notebook example shows library noise {noise}"

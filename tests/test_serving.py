@@ -34,7 +34,7 @@ APP = "mllmcl-test"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, stream_overrides):
-    from mllmcl.training.stream import run_stream
+    from mllmcl import run_stream
 
     root = tmp_path_factory.mktemp("serving")
     cfg = load_config(None, [*stream_overrides, "scaling.backend=local", "train.lr=0.01", "train.max_steps=30",
@@ -161,11 +161,18 @@ def test_served_run_plan_and_refusals(run, tmp_path):
         load_served_run(str(run), stage=7)
     with pytest.raises(ConfigError, match="runs/<run id>"):
         load_served_run(str(tmp_path / "somewhere"))
-    # a MoELoRA run is refused with the reason, before anything is deployed
+    # a MoELoRA run is refused with the reason, before anything is deployed (each stage records
+    # what serves it, as the stream runner writes it; the service never asks the method)
+    from mllmcl.config import load_config
+    from mllmcl.methods import get_method
+    from mllmcl.runner.stream import serving_record
+
     fake = tmp_path / "runs" / "moe"
     fake.mkdir(parents=True)
     manifest = json.loads((run / "manifest.json").read_text())
-    (fake / "manifest.json").write_text(json.dumps({**manifest, "method": "moelora"}))
+    refused = serving_record(get_method("moelora")(load_config(None, ["method.name=moelora"]), None), None)
+    stages = [{**st, "serving": refused} for st in manifest["stages"]]
+    (fake / "manifest.json").write_text(json.dumps({**manifest, "method": "moelora", "stages": stages}))
     (fake / "config.yaml").write_text((run / "config.yaml").read_text().replace("name: mr_lora", "name: moelora"))
     with pytest.raises(ConfigError, match="PEFT"):
         load_served_run(str(fake))
@@ -179,7 +186,7 @@ def test_mixed_expert_batch_answers_as_each_expert_alone(run, synthetic_small):
 
     from mllmcl.data.prompts import eval_prompt
     from mllmcl.data.release import load_image
-    from mllmcl.serving.engine import Ensemble
+    from mllmcl.serving.ensemble import Ensemble
 
     served = load_served_run(str(run))
     engine = Ensemble(served).engine

@@ -10,7 +10,7 @@ import yaml
 
 from mllmcl.config import load_config
 from mllmcl.methods import registered_methods
-from mllmcl.training.stream import run_stream
+from mllmcl import run_stream
 
 TWO = "data.tasks=[RS,Med]"
 
@@ -30,9 +30,9 @@ def reference(ray_session, runs_root, stream_overrides):
     return run_stream(_cfg(runs_root, stream_overrides, TWO, "method.name=lora_ft"), "m-lora_ft")
 
 
-# Methods whose Ray path differs (adapter recipe, adapter format in the evaluation actor, router
-# training, text embeddings on the actor, no training). replay and joint run exactly lora_ft's
-# Ray path (the lora recipe on other samples); mr_lora's (experts + router on Ray Train) is the
+# Methods whose Ray path differs (adapter kind sent to the Ray Train workers, adapter format given
+# to the evaluation actor's engine, router training, text embeddings on the actor, no training).
+# replay and joint run exactly lora_ft's Ray path (the LoRA kind on other samples); mr_lora's (experts + router on Ray Train) is the
 # README tier's default stream (tests/test_readme.py); every method also runs end to end in the
 # contract test (tests/test_method_contract.py), on the local backend.
 RAY_PATHS = ["lora_ft", "moelora", "disco_select", "zero_shot"]
@@ -41,8 +41,8 @@ ON_RAY_IN_THE_README_TIER = {"mr_lora"}
 
 def test_every_method_is_covered_on_ray_or_shares_a_covered_path():
     shares_lora_ft = {"replay", "joint"}
-    peft_recipe = {"olora"}  # a PEFT adapter like lora_ft's; its recipe runs in the same worker loop (contract test)
-    assert set(registered_methods()) <= set(RAY_PATHS) | shares_lora_ft | peft_recipe | ON_RAY_IN_THE_README_TIER
+    peft_kind = {"olora"}  # a PEFT adapter like lora_ft's; its kind runs in the same worker loop (contract test)
+    assert set(registered_methods()) <= set(RAY_PATHS) | shares_lora_ft | peft_kind | ON_RAY_IN_THE_README_TIER
 
 
 @pytest.mark.parametrize("method", RAY_PATHS)
@@ -88,7 +88,7 @@ def test_resume_refuses_a_different_config(ray_session, runs_root, stream_overri
     # a run made before a setting existed resumes under that setting's default, and only under it:
     # its stored config lacks the key and its manifest holds the hash of that older config
     from mllmcl.provenance import config_hash
-    from mllmcl.training.stream import identity
+    from mllmcl.runner.resume import identity
 
     run = runs_root / "runs" / "zs-fixed"
     doc = yaml.safe_load((run / "config.yaml").read_text())

@@ -129,7 +129,7 @@ def test_sweep_reports_every_task_and_writes_results(ray_session, tmp_path, stre
     set the bar); the best preset reproduces its reported objective through the stream job."""
     from mllmcl.config import load_config
     from mllmcl.tuning.tune_run import run_sweep
-    from mllmcl.training.stream import run_stream
+    from mllmcl import run_stream
 
     # the pre-trained default base (built once per session) on 40 test questions: 30 LoRA steps at
     # these rates learn RS measurably there (25-30%), on the plumbing base nothing does (all 0)

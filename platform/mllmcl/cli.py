@@ -68,7 +68,7 @@ def run_stream_job(prog: str, doc: str, stream: str, argv=None) -> int:
     try:
         cfg = resolve(args, stream)
         run_id = new_run_id(cfg)
-        from mllmcl.training.stream import run_stream
+        from mllmcl import run_stream
 
         result = run_stream(cfg, run_id)
     except MllmclError as e:

@@ -1,300 +1,48 @@
-"""Typed run configuration: frozen dataclasses, YAML presets, dotted overrides.
+"""The run's configuration: the typed sections of :mod:`mllmcl.settings` and the CL method's
+own options (a typed dataclass registered with the method), from YAML presets and dotted
+overrides.
 
-Every problem in a config (unknown keys, wrong types, bad values) is collected and
-reported at once in a :class:`~mllmcl.errors.ConfigError`.
+Every problem in a config (unknown keys, wrong types, bad values, of every section and of
+the method's options) is collected and reported at once in a
+:class:`~mllmcl.errors.ConfigError`, before anything starts.
 
     cfg = load_config("jobs/configs/dcl/mr_lora_tiny.yaml", ["train.lr=1e-3", "run.id=demo"])
+
+The method section is flat in YAML (``method: {name: mr_lora, router_epochs: 30}``); its keys
+besides ``name`` are the options of that method. An option of another registered method
+(a budget shared by a sweep over ``method.name``) is ignored with a warning; a key no method
+has is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from mllmcl.errors import ConfigError
+from mllmcl.methods import get_method, method_options, registered_methods
+from mllmcl.methods.base import MethodOptions
 from mllmcl.paths import SYNTHETIC_DATA, TINY_MODEL, absolute, is_uri
+from mllmcl.settings import (DataConfig, EvalConfig, LoraConfig, LoraSettings, ModelConfig, RunSection,  # noqa: F401
+                             ScalingConfig, StorageConfig, TrainConfig, TrainSettings, _build, _to_plain,
+                             apply_overrides, build_dataclass, load_yaml, parse_override)
+
+__all__ = ["Config", "DataConfig", "EvalConfig", "LoraConfig", "LoraSettings", "ModelConfig", "RunSection",
+           "ScalingConfig", "StorageConfig", "TrainConfig", "TrainSettings", "absolute_paths", "apply_overrides",
+           "build_dataclass", "config_from_dict", "known_methods", "load_config", "load_yaml", "local_paths",
+           "parse_override"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHOD = "mr_lora"
 
 
-# --------------------------------------------------------------------------- sections
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the stream's data lives. ``root: synthetic`` builds the offline twin."""
-
-    stream: str = "dcl"
-    root: str = "synthetic"
-    tasks: tuple[str, ...] = ()  # empty = the stream's full order
-    verify_images: str = "exists"  # none | exists | decode
-    checksum_images: bool = False  # data_release.json: hash every image's bytes (default: names + sizes)
-    limit: int = 0  # cap samples per split (0 = all); for smoke tests
-    synthetic_train: int = 1000
-    synthetic_test: int = 200
-    synthetic_image_size: int = 64
-    synthetic_seed: int = 0
-
-    def check(self) -> list[str]:
-        from mllmcl.data.streams import STREAMS
-
-        p = []
-        if self.stream not in STREAMS:
-            p.append(f"data.stream={self.stream!r}: unknown stream, expected one of {sorted(STREAMS)}")
-        else:
-            bad = [t for t in self.tasks if t not in STREAMS[self.stream].task_names]
-            if bad:
-                p.append(f"data.tasks: unknown task(s) {bad} for stream {self.stream!r}, "
-                         f"expected names from {STREAMS[self.stream].task_names}")
-        if self.verify_images not in ("none", "exists", "decode"):
-            p.append(f"data.verify_images={self.verify_images!r}: expected one of none, exists, decode")
-        for k in ("limit", "synthetic_train", "synthetic_test"):
-            if getattr(self, k) < 0:
-                p.append(f"data.{k}={getattr(self, k)}: must be >= 0")
-        return p
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """``path: tiny`` = the tiny preset built offline; else a local folder or s3:// prefix."""
-
-    path: str = "tiny"
-    dtype: str = "float32"
-
-    def check(self) -> list[str]:
-        p = []
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            p.append(f"model.dtype={self.dtype!r}: expected float32, bfloat16 or float16")
-        if not self.path:
-            p.append("model.path: must not be empty")
-        return p
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    train_projector: bool = False  # each adapter also trains (and stores) its own copy of the vision projector
-
-    def check(self) -> list[str]:
-        p = []
-        if self.rank < 1:
-            p.append(f"lora.rank={self.rank}: must be >= 1")
-        if self.alpha <= 0:
-            p.append(f"lora.alpha={self.alpha}: must be > 0")
-        if not 0 <= self.dropout < 1:
-            p.append(f"lora.dropout={self.dropout}: must be in [0, 1)")
-        if not self.target_modules:
-            p.append("lora.target_modules: must name at least one module")
-        return p
-
-    def settings(self):
-        from mllmcl.models.lora import LoraSettings
-
-        return LoraSettings(self.rank, self.alpha, self.dropout, tuple(self.target_modules), self.train_projector)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: float = 8.0
-    epochs_per_task: tuple[float, ...] = ()  # one per task of the stream, in order (overrides epochs)
-    max_steps: int = 0  # 0 = no cap
-    batch_size: int = 16  # effective (global) batch: split over workers and accumulation steps
-    grad_accum: int = 1
-    mixed_precision: str = "auto"  # auto (bf16 on GPU) | bf16 | fp16 | no
-    lr: float = 2e-3
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-
-    def check(self) -> list[str]:
-        p = []
-        if self.epochs <= 0:
-            p.append(f"train.epochs={self.epochs}: must be > 0")
-        if any(e <= 0 for e in self.epochs_per_task):
-            p.append(f"train.epochs_per_task={list(self.epochs_per_task)}: every value must be > 0")
-        if self.max_steps < 0:
-            p.append(f"train.max_steps={self.max_steps}: must be >= 0")
-        if self.batch_size < 1:
-            p.append(f"train.batch_size={self.batch_size}: must be >= 1")
-        if not 0 < self.lr < 1:
-            p.append(f"train.lr={self.lr}: must be in (0, 1)")
-        if not 0 <= self.warmup_ratio < 1:
-            p.append(f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
-        if self.grad_accum < 1:
-            p.append(f"train.grad_accum={self.grad_accum}: must be >= 1")
-        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
-            p.append(f"train.mixed_precision={self.mixed_precision!r}: expected auto, bf16, fp16 or no")
-        return p
-
-    def settings(self, seed: int, stage: int | None = None):
-        """The fine-tuning settings; ``stage`` picks its entry of ``epochs_per_task``."""
-        from mllmcl.training.loop import TrainSettings
-
-        epochs = self.epochs_per_task[stage] if self.epochs_per_task and stage is not None else self.epochs
-        return TrainSettings(epochs=epochs, max_steps=self.max_steps or None, batch_size=self.batch_size,
-                             lr=self.lr, warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
-                             grad_clip=self.grad_clip, seed=seed, grad_accum=self.grad_accum)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    batch_size: int = 100
-    max_new_tokens: int = 0  # 0 = the task's own limit (BENCHMARK.md)
-    cache_predictions: bool = True  # reuse an adapter's answers to a test sample at later stages
-
-    def check(self) -> list[str]:
-        p = []
-        if self.batch_size < 1:
-            p.append(f"eval.batch_size={self.batch_size}: must be >= 1")
-        if self.max_new_tokens < 0:
-            p.append(f"eval.max_new_tokens={self.max_new_tokens}: must be >= 0")
-        return p
-
-
-@dataclass(frozen=True)
-class MethodConfig:
-    """The CL method and its options (each method reads the options it uses)."""
-
-    name: str = "mr_lora"
-    # replay: a bounded random buffer of earlier tasks' training samples
-    replay_per_task: int = 100  # samples kept per earlier task (0 = use replay_ratio)
-    replay_ratio: float = 0.0  # buffer size as a fraction of the current task's train split
-    # mr_lora: the MLLM router (base model + router LoRA)
-    router_samples_per_task: int = 20
-    router_epochs: float = 30.0
-    router_lr: float = 2e-3
-    router_rank: int = 16
-    router_batch_size: int = 16
-    router_fallback: str = "random"  # random | last | first: expert used when the router's answer does not parse
-    # joint: "cumulative" trains one LoRA on tasks 1..k at every stage; "final" only once on all tasks
-    joint_mode: str = "cumulative"
-    # olora: a new LoRA of rank lora.rank per task; loss + olora_lambda1 * sum ||A_old A_new^T||_F^2
-    # + olora_lambda2 * sum ||theta_new||_2; inference sums every task's LoRA
-    olora_lambda1: float = 0.5
-    olora_lambda2: float = 0.0
-    # moelora: moe_experts low-rank experts (rank lora.rank / moe_experts each) per layer and a
-    # per-token gate: softmax over all experts, or topk (softmax over the moe_top_k best)
-    moe_experts: int = 4
-    moe_gate: str = "softmax"
-    moe_top_k: int = 2
-    # disco_select: one LoRA per task chosen by the cosine similarity of the question's text
-    # embedding (the base model's mean-pooled hidden state) to each task's prototype, the mean
-    # embedding of prototype_samples_per_task train questions
-    prototype_samples_per_task: int = 100
-
-    def check(self) -> list[str]:
-        p = []
-        known = known_methods()
-        if self.name not in known:
-            p.append(f"method.name={self.name!r}: unknown method, expected one of {sorted(known)}")
-        if self.replay_per_task < 0:
-            p.append(f"method.replay_per_task={self.replay_per_task}: must be >= 0")
-        if not 0 <= self.replay_ratio <= 10:
-            p.append(f"method.replay_ratio={self.replay_ratio}: must be in [0, 10]")
-        if self.router_samples_per_task < 1:
-            p.append(f"method.router_samples_per_task={self.router_samples_per_task}: must be >= 1")
-        if self.router_epochs <= 0:
-            p.append(f"method.router_epochs={self.router_epochs}: must be > 0")
-        if not 0 < self.router_lr < 1:
-            p.append(f"method.router_lr={self.router_lr}: must be in (0, 1)")
-        if self.router_rank < 1:
-            p.append(f"method.router_rank={self.router_rank}: must be >= 1")
-        if self.router_batch_size < 1:
-            p.append(f"method.router_batch_size={self.router_batch_size}: must be >= 1")
-        if self.router_fallback not in ("random", "last", "first"):
-            p.append(f"method.router_fallback={self.router_fallback!r}: expected random, last or first")
-        if self.joint_mode not in ("cumulative", "final"):
-            p.append(f"method.joint_mode={self.joint_mode!r}: expected cumulative or final")
-        if self.olora_lambda1 < 0 or self.olora_lambda2 < 0:
-            p.append(f"method.olora_lambda1={self.olora_lambda1}, method.olora_lambda2={self.olora_lambda2}: "
-                     f"must be >= 0")
-        if self.moe_experts < 1:
-            p.append(f"method.moe_experts={self.moe_experts}: must be >= 1")
-        if self.moe_gate not in ("softmax", "topk"):
-            p.append(f"method.moe_gate={self.moe_gate!r}: expected softmax or topk")
-        elif self.moe_gate == "topk" and not 1 <= self.moe_top_k <= max(1, self.moe_experts):
-            p.append(f"method.moe_top_k={self.moe_top_k}: must be in [1, method.moe_experts={self.moe_experts}]")
-        if self.prototype_samples_per_task < 1:
-            p.append(f"method.prototype_samples_per_task={self.prototype_samples_per_task}: must be >= 1")
-        return p
-
-
-@dataclass(frozen=True)
-class ScalingConfig:
-    """Ray Train workers for each task's fine-tuning, and the evaluation actor's resources."""
-
-    backend: str = "ray"  # ray: Ray Train + an evaluation actor; local: everything in this process (debugging)
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0  # 0 = 1 when use_gpu
-    threads_per_worker: int = 0  # torch threads; 0 = the node's cores / workers on the node
-    eval_cpus: float = 0.0
-    eval_gpus: float = 0.0
-    max_failures: int = 2  # a failed worker group restarts from the last checkpoint this often
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch, at most 10 per fit
-    strategy: str = "ddp"  # ddp | deepspeed (ZeRO; same loop, DeepSpeed's checkpoints)
-    zero_stage: int = 2  # deepspeed: 1, 2 (optimizer state + gradients partitioned) or 3 (+ parameters)
-    offload: str = "none"  # deepspeed: none | cpu (optimizer state, and parameters with stage 3, in host memory)
-
-    def check(self) -> list[str]:
-        p = []
-        if self.backend not in ("ray", "local"):
-            p.append(f"scaling.backend={self.backend!r}: expected ray or local")
-        if self.num_workers < 1:
-            p.append(f"scaling.num_workers={self.num_workers}: must be >= 1")
-        elif self.backend == "local" and self.num_workers != 1:
-            p.append(f"scaling.num_workers={self.num_workers}: the local backend runs one worker (use backend=ray)")
-        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0 or self.eval_cpus < 0 or self.eval_gpus < 0:
-            p.append("scaling: resources must be >= 0")
-        if self.max_failures < 0:
-            p.append(f"scaling.max_failures={self.max_failures}: must be >= 0")
-        if self.checkpoint_every < 0:
-            p.append(f"scaling.checkpoint_every={self.checkpoint_every}: must be >= 0")
-        if self.strategy not in ("ddp", "deepspeed"):
-            p.append(f"scaling.strategy={self.strategy!r}: expected ddp or deepspeed")
-        elif self.strategy == "deepspeed":
-            if self.backend != "ray":
-                p.append("scaling.strategy=deepspeed runs on Ray Train workers: use scaling.backend=ray")
-            if self.zero_stage not in (1, 2, 3):
-                p.append(f"scaling.zero_stage={self.zero_stage}: expected 1, 2 or 3")
-            if self.offload not in ("none", "cpu"):
-                p.append(f"scaling.offload={self.offload!r}: expected none or cpu")
-            import importlib.util
-
-            if importlib.util.find_spec("deepspeed") is None:
-                p.append("scaling.strategy=deepspeed needs DeepSpeed: DS_BUILD_OPS=0 pip install -e '.[deepspeed]'")
-        return p
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    root: str = "artifacts"
-
-    def check(self) -> list[str]:
-        if not self.root:
-            return ["storage.root: must not be empty"]
-        if "://" in self.root and not self.root.startswith(("s3://", "file://")):
-            return [f"storage.root={self.root!r}: only local paths, file:// and s3:// are supported"]
-        return []
-
-
-@dataclass(frozen=True)
-class RunSection:
-    id: str = ""  # empty = a fresh id from the time and config hash
-    seed: int = 0
-    progress: bool = True
-
-    def check(self) -> list[str]:
-        if self.id and not all(c.isalnum() or c in "-_." for c in self.id):
-            return [f"run.id={self.id!r}: use letters, digits, '-', '_' or '.' only"]
-        return []
+def default_method() -> MethodOptions:
+    return method_options(DEFAULT_METHOD)
 
 
 @dataclass(frozen=True)
@@ -304,7 +52,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodOptions = field(default_factory=default_method)  # the method's own options class
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     run: RunSection = field(default_factory=RunSection)
@@ -323,13 +71,7 @@ class Config:
             if n is not None and len(self.train.epochs_per_task) != n:
                 out.append(f"train.epochs_per_task has {len(self.train.epochs_per_task)} values for {n} tasks "
                            f"(one per task of the stream, in order)")
-        if self.lora.train_projector and self.method.name in ("olora", "moelora"):
-            out.append(f"lora.train_projector: not supported by {self.method.name} (its adapters are merged or "
-                       f"gated per layer); use it with mr_lora, lora_ft, replay or joint")
-        if self.method.name == "moelora" and self.method.moe_experts >= 1 and self.lora.rank % self.method.moe_experts:
-            out.append(f"lora.rank={self.lora.rank} must be a multiple of method.moe_experts={self.method.moe_experts} "
-                       f"(each MoELoRA expert has rank lora.rank / moe_experts)")
-        return out
+        return out + self.method.check_with(self)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -339,172 +81,50 @@ class Config:
 
 
 def known_methods() -> set[str]:
-    """Method names a config may use (the registry, once methods exist)."""
-    from mllmcl.methods import registered_methods
-
+    """Method names a config may use (the methods' registry)."""
     return set(registered_methods())
 
 
 # --------------------------------------------------------------------------- building
 
-def _to_plain(obj):
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp, where: str, problems: list[str]):
-    """Check ``value`` against the annotation ``tp``; return the converted value."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            sub: list[str] = []
-            out = _coerce(value, a, where, sub)
-            if not sub:
-                return out
-        problems.append(f"{where}: expected {' | '.join(_type_name(a) for a in args)}, got {value!r}")
-        return None
-    if origin is tuple:
-        (inner, *_rest) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            problems.append(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-            return ()
-        return tuple(_coerce(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        problems.append(f"{where}: expected true/false, got {value!r}")
-        return False
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        problems.append(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
-        return 0
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        problems.append(f"{where}: expected a number, got {type(value).__name__} {value!r}")
-        return 0.0
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        problems.append(f"{where}: expected a string, got {type(value).__name__} {value!r}")
-        return ""
-    return value
-
-
-def _build(cls, data: Any, where: str, problems: list[str]):
+def _method_section(data, problems: list[str]) -> MethodOptions | None:
+    """The method's options from the ``method`` mapping; None when its name is unknown (reported)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        problems.append(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    for key in data:
-        if key not in names:
-            problems.append(f"{where + '.' if where else ''}{key}: unknown key (allowed: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in data:
-            continue
-        tp = hints[f.name]
-        sub_where = f"{where}.{f.name}" if where else f.name
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, data[f.name], sub_where, problems)
-        else:
-            sub: list[str] = []
-            value = _coerce(data[f.name], tp, sub_where, sub)
-            if sub:  # keep the default so value checks do not report the same field twice
-                problems.extend(sub)
-            else:
-                kwargs[f.name] = value
-    return cls(**kwargs)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError([f"override {text!r}: expected key=value, e.g. train.lr=1e-4"])
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError([f"override {text!r}: bad key {key!r}"])
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(data: dict, overrides: list[str], problems: list[str]) -> dict:
-    data = _to_plain(data)
-    for text in overrides:
-        try:
-            path, value = parse_override(text)
-        except ConfigError as e:
-            problems.extend(e.problems)
-            continue
-        node = data
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {} if part not in node else node[part]
-                if not isinstance(node[part], dict):
-                    problems.append(f"override {text!r}: {part} is not a section")
-                    break
-            node = node[part]
-        else:
-            node[path[-1]] = value
-    return data
-
-
-def build_dataclass(cls, data: dict | None, overrides: list[str] | None = None):
-    """Any typed config dataclass (with an optional ``check() -> problems``) from a mapping and
-    dotted overrides; every problem is reported at once in a :class:`ConfigError`."""
-    problems: list[str] = []
-    data = apply_overrides(data or {}, list(overrides or []), problems)
-    obj = _build(cls, data, "", problems)
-    if hasattr(obj, "check"):
-        problems += obj.check()
-    if problems:
-        raise ConfigError(problems)
-    return obj
+        problems.append(f"method: expected a mapping, got {type(data).__name__}")
+        return None
+    name = data.get("name", DEFAULT_METHOD)
+    if name not in registered_methods():
+        problems.append(f"method.name={name!r}: unknown method, expected one of {registered_methods()}")
+        return None
+    own = {f.name for f in fields(get_method(name).Options)}
+    others = {f.name: m for m in registered_methods() for f in fields(get_method(m).Options)}
+    foreign = sorted(k for k in data if k not in own and k in others)
+    unknown = sorted(k for k in data if k not in own and k not in others)
+    for k in unknown:
+        problems.append(f"method.{k}: unknown option of method {name!r} (its options: "
+                        f"{', '.join(sorted(own - {'name'})) or 'none'})")
+    if foreign:
+        log.warning("method %s ignores %s", name, ", ".join(f"method.{k} (an option of {others[k]})" for k in foreign))
+    return _build(get_method(name).Options, {k: v for k, v in data.items() if k in own} | {"name": name},
+                  "method", problems)
 
 
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
-    return build_dataclass(Config, data, overrides)
-
-
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError([f"config file {str(path)!r} not found"])
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: not valid YAML ({e})"]) from None
-    if not isinstance(data, dict):
-        raise ConfigError([f"{path}: expected a mapping at the top level, got {type(data).__name__}"])
-    return data
+    problems: list[str] = []
+    data = apply_overrides(data or {}, list(overrides or []), problems)
+    method = data.pop("method", None) if isinstance(data, dict) else None
+    cfg = _build(Config, data, "", problems)
+    options = _method_section(method, problems)
+    if options is not None:
+        cfg = dataclasses.replace(cfg, method=options)
+        problems += cfg.check()
+    else:  # the method's rules need its options: check the other sections only
+        problems += [p for f in fields(cfg) if f.name != "method" for p in getattr(cfg, f.name).check()]
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,

@@ -1,4 +1,5 @@
-"""Answer-format instructions the reference appends to some questions at evaluation.
+"""Prompts: the answer-format instructions the reference appends to some questions at
+evaluation, and the MR-LoRA router's prompt and the parsing of its answer.
 
 Med asks for a single word or phrase; Fin asks for yes/no directly when the answer
 is yes/no, otherwise for the option letter (BENCHMARK.md). The synthetic streams
@@ -7,7 +8,10 @@ put the same instruction in their training conversations, so train and test matc
 
 from __future__ import annotations
 
-from mllmcl.data.types import Sample
+import re
+from typing import Sequence
+
+from mllmcl.data.types import Sample, TaskSpec
 
 MED_INSTRUCTION = "Answer the question using a single word or phrase."
 YES_NO_INSTRUCTION = "Please answer yes or no directly."
@@ -34,3 +38,23 @@ def eval_prompt(sample: Sample) -> str:
     if sample.split != "test":
         return sample.question
     return with_instruction(sample.task, sample.question, sample.target)
+
+
+# --------------------------------------------------------------------------- the MR-LoRA router's prompt
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def router_prompt(experts: Sequence[TaskSpec], question: str) -> str:
+    """The MLLM router's prompt: one line per expert tagged with its letter, the user's question,
+    and the request for the letter only (the tiny base's tokenizer is trained on it too)."""
+    lines = "\n".join(f"{LETTERS[i]}: {t.description}" for i, t in enumerate(experts))
+    return ("Choose the expert that should answer the question about this image.\n"
+            f"Experts:\n{lines}\nQuestion: {question}\nAnswer with the expert's letter only.")
+
+
+def parse_letter(answer: str, n_experts: int) -> int | None:
+    """Expert index named by the router's answer, or None when it does not parse."""
+    valid = LETTERS[:n_experts]
+    m = re.match(rf"\s*\(?([{valid}])\)?(?:[\s\.:,]|$)", answer)
+    return LETTERS.index(m.group(1)) if m else None

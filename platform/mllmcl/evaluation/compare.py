@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from mllmcl import storage
+from mllmcl.errors import ConfigError
+from mllmcl.paths import absolute
 
 
 def load_run_metrics(run_dir: str) -> dict:
@@ -36,3 +38,19 @@ def markdown_table(metrics: Sequence[dict], labels: Sequence[str] | None = None)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def compare_runs(runs: Sequence[str], labels: Sequence[str] | None = None) -> str:
+    """The paper-style Markdown table of finished runs (folders or ``s3://`` prefixes); every run
+    that is missing or unfinished, and a label count that does not match, reported at once."""
+    metrics, problems = [], []
+    for run in runs:
+        try:
+            metrics.append(load_run_metrics(absolute(str(run))))
+        except FileNotFoundError as e:
+            problems.append(str(e))
+    if labels is not None and len(labels) != len(runs):
+        problems.append(f"--labels names {len(labels)} rows for {len(runs)} runs")
+    if problems:
+        raise ConfigError(problems)
+    return markdown_table(metrics, labels)

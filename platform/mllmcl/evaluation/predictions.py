@@ -1,4 +1,5 @@
-"""Per-sample predictions as Parquet: question_id, prompt, prediction, answer, score, expert."""
+"""Per-sample predictions: scored against a task's rule, and kept as Parquet (question_id,
+prompt, prediction, answer, score, expert, stage)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from typing import Sequence
 import pyarrow as pa
 
 from mllmcl.data.parquet import read_table, write_table
+from mllmcl.data.prompts import eval_prompt
+from mllmcl.data.types import Sample, TaskSpec
+from mllmcl.evaluation.scorers import score
 
 PREDICTION_SCHEMA = pa.schema([
     ("question_id", pa.string()),
@@ -49,3 +53,23 @@ def write_predictions(rows: Sequence[PredictionRow], uri: str) -> None:
 
 def read_predictions(uri: str) -> list[PredictionRow]:
     return [PredictionRow(**r) for r in read_table(uri).to_pylist()]
+
+
+@dataclass
+class TaskEval:
+    task: str
+    accuracy: float  # percent
+    rows: list[PredictionRow]
+
+
+def score_predictions(spec: TaskSpec, samples: Sequence[Sample], predictions: Sequence[str], stage: int = -1,
+                      experts: Sequence[str | None] | None = None) -> TaskEval:
+    """Every prediction scored by the task's rule, as prediction rows and the task's accuracy."""
+    rows = []
+    for i, (s, p) in enumerate(zip(samples, predictions)):
+        prompt = eval_prompt(s)
+        rows.append(PredictionRow(question_id=s.uid, task=s.task, prompt=prompt, prediction=p,
+                                  answer=encode_answer(s.answers), score=score(spec.scorer, s, p, prompt),
+                                  expert=experts[i] if experts else None, stage=stage))
+    acc = 100.0 * sum(r.score for r in rows) / max(1, len(rows))
+    return TaskEval(task=spec.name, accuracy=acc, rows=rows)

@@ -1,14 +1,15 @@
-"""CL methods, one module each, in one registry by name."""
+"""CL methods, one module each, in one registry by name (``method.name``)."""
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+import pkgutil
 
-_REGISTRY: dict[str, Callable] = {}
+_REGISTRY: dict[str, type] = {}
 
 
 def register(name: str):
-    """Class decorator: make a method available as ``method.name=<name>``."""
+    """Class decorator: make a method (and its ``Options``) available as ``method.name=<name>``."""
 
     def deco(cls):
         if name in _REGISTRY and _REGISTRY[name] is not cls:
@@ -32,14 +33,19 @@ def get_method(name: str):
     return _REGISTRY[name]
 
 
+def method_options(name: str):
+    """The default options of method ``name``."""
+    return get_method(name).Options(name=name)
+
+
 def _load_builtin() -> None:
-    from mllmcl.methods import (  # noqa: F401
-        disco_select,
-        joint,
-        lora_ft,
-        moelora,
-        mr_lora,
-        olora,
-        replay,
-        zero_shot,
-    )
+    """Import every module of this package once: a method registers itself by being here."""
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        for mod in pkgutil.iter_modules(__path__):
+            if not mod.name.startswith("_") and mod.name != "base":
+                importlib.import_module(f"{__name__}.{mod.name}")
+
+
+_LOADED = False

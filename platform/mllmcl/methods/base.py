@@ -1,21 +1,45 @@
-"""The one small protocol every CL method implements, and the stage it receives.
+"""The one small protocol every CL method implements, its options, and the stage it receives.
 
 A method says what to fine-tune at stage k (zero or more :class:`TrainRequest`), may
-finish the stage with the model at hand (``finish``), then says how to answer every seen
-task's test split with what has been trained so far. Its state (JSON) is saved in the
-manifest after each stage so that a resumed run continues it. Subclass :class:`CLMethod`
-and register the class (see CONTRIBUTING.md).
+finish the stage with the model at hand (``finish``: fit a router, store prototypes...),
+then says how to answer every seen task's test split with what has been trained so far,
+and what answers requests after the stage (``serving``). Its state (JSON) is saved in the
+manifest after each stage so that a resumed run continues it.
+
+A method is one module: its class (subclass :class:`CLMethod`, ``@register`` it), its
+options (a frozen dataclass subclassing :class:`MethodOptions`, named ``Options`` on the
+class: the ``method.*`` keys of a config), its adapter kind if it trains something other
+than a PEFT LoRA (``mllmcl.training.adapter_kinds``), and its adapter format if the
+engine must load something other than PEFT (``adapter_format``, see
+:mod:`mllmcl.engine.formats`). CONTRIBUTING.md walks through one.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
-from mllmcl.config import Config
+from mllmcl.data.prompts import eval_prompt
 from mllmcl.data.types import Sample, Stream, Task
-from mllmcl.storage.layout import RunLayout
+from mllmcl.settings import LoraSettings, TrainSettings
+from mllmcl.storage.layout import RunLayout, relative_adapter
 from mllmcl.training.request import TrainRequest
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """A method's options: the ``method.*`` keys of a config besides ``name``. Subclass it with the
+    method's fields (typed, with defaults); ``check`` reports bad values, ``check_with`` rules that
+    involve other sections of the config (both as ``method.<key>=...: why`` lines)."""
+
+    name: str = ""
+
+    def check(self) -> list[str]:
+        return []
+
+    def check_with(self, cfg) -> list[str]:
+        return []
 
 
 @dataclass
@@ -23,7 +47,9 @@ class Stage:
     k: int
     stream: Stream
     layout: RunLayout
-    cfg: Config
+    cfg: Any  # the run's mllmcl.config.Config
+    trained: dict[str, dict] = field(default_factory=dict)  # output URI -> its fit's log (steps, seconds...)
+    router_fit_seconds: float | None = None  # set by fit_router: the router's fine-tunes + fit, this stage
 
     @property
     def task(self) -> Task:
@@ -41,6 +67,10 @@ class Stage:
         k = self.k if k is None else k
         return self.layout.router_dir(k, self.stream.tasks[k].name)
 
+    def router_record_uri(self, k: int | None = None) -> str:
+        k = self.k if k is None else k
+        return self.layout.path("tasks", f"{k}_{self.stream.tasks[k].name}", "router.json")
+
 
 @dataclass
 class Answers:
@@ -55,11 +85,16 @@ class Answers:
 @dataclass(frozen=True)
 class ServingPlan:
     """What answers a request after a stage: named experts (adapter URI, or None for the base
-    model), in the order the router names them (A, B, ...), and the router adapter when the
-    method routes each request to one expert (MR-LoRA); without a router there is one expert."""
+    model), in the router's expert order, and the router's record when the method routes each
+    request to one expert; without a router there is one expert."""
 
     experts: dict[str, str | None]
-    router: str | None = None
+    router: dict | None = None
+
+    def to_record(self, run_dir: str) -> dict:
+        """As the manifest keeps it: adapters relative to the run's folder (the run may move)."""
+        return {"experts": {n: None if u is None else relative_adapter(u, run_dir) for n, u in self.experts.items()},
+                "router": self.router}
 
 
 class NotServable(ValueError):
@@ -67,47 +102,30 @@ class NotServable(ValueError):
 
 
 class Predictor(Protocol):
-    """Generates with the base model or any adapter of the run (the stream's model worker)."""
+    """The stream's view of its evaluation worker (the engine): cached generation with any adapter
+    of the run, and the router backend (``complete``, ``embed``)."""
 
-    def generate(self, samples: Sequence[Sample], adapters: Sequence[str | None], max_new_tokens: int,
-                 questions: Sequence[str] | None = None) -> list[str]: ...
+    def generate(self, samples: Sequence[Sample], adapters: Sequence[str | None], max_new_tokens: int) -> list[str]: ...
+
+    def complete(self, prompts: Sequence[str], images: Sequence, adapter: str | None,
+                 max_new_tokens: int) -> list[str]: ...
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """L2-normalised text embeddings from the base model (no adapter)."""
 
 
-class Method(Protocol):
-    name: str
-
-    def plan(self, stage: Stage) -> list[TrainRequest]:
-        """Adapters to fine-tune at this stage, in order."""
-
-    def finish(self, stage: Stage, predictor: Predictor) -> None:
-        """After this stage's fine-tuning, before evaluation: build what inference needs beyond the
-        trained adapters (e.g. task prototypes), writing it to the run's storage."""
-
-    def answer(self, stage: Stage, predictor: Predictor) -> Answers:
-        """Answer every seen task's test split (task identity is never given to a model)."""
-
-    def serving(self, stage: Stage) -> ServingPlan:
-        """The adapters that answer requests after this stage (``mllmcl.serving``)."""
-
-    def state_dict(self) -> dict:
-        """JSON-able state to save after the stage."""
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore the state saved after a completed stage."""
-
-
 class CLMethod:
-    """Base class with the protocol's defaults: no finishing step and no state of its own
-    (everything a stage produced lives in the run's storage)."""
+    """Base class with the protocol's defaults: no options, no finishing step, no state of its own
+    (everything a stage produced lives in the run's storage), PEFT adapters."""
 
     name: str
+    Options: type[MethodOptions] = MethodOptions
     routed = False  # one expert per task + a router: reports router_accuracy (a sweep may optimise it)
+    adapter_format = None  # the engine's format for this method's adapters (None: PEFT)
 
-    def __init__(self, cfg: Config, stream: Stream):
+    def __init__(self, cfg, stream: Stream):
         self.cfg = cfg
+        self.options = cfg.method
 
     def plan(self, stage: Stage) -> list[TrainRequest]:
         raise NotImplementedError
@@ -129,11 +147,13 @@ class CLMethod:
 
 
 def request(stage: Stage, kind: str, samples: Sequence[Sample], output_uri: str, *, init_adapter: str | None = None,
-            lora=None, train=None, recipe: str = "lora", recipe_args: dict | None = None, **meta) -> TrainRequest:
+            lora: LoraSettings | None = None, train: TrainSettings | None = None, adapter_kind: type | None = None,
+            adapter_args: dict | None = None, **meta) -> TrainRequest:
     cfg = stage.cfg
     return TrainRequest(stage=stage.k, task=stage.task.name, kind=kind, samples=list(samples), output_uri=output_uri,
                         lora=lora or cfg.lora.settings(), train=train or cfg.train.settings(cfg.run.seed + stage.k, stage.k),
-                        init_adapter=init_adapter, meta=meta, recipe=recipe, recipe_args=recipe_args or {})
+                        init_adapter=init_adapter, meta=meta, adapter_kind=adapter_kind,
+                        adapter_args=adapter_args or {})
 
 
 def max_tokens(stage: Stage, task: Task) -> int:
@@ -149,24 +169,49 @@ def answer_with(stage: Stage, predictor: Predictor, adapter: str | None) -> Answ
     return Answers(preds, experts)
 
 
-def routed_answer(stage: Stage, predictor: Predictor, choose) -> Answers:
-    """Answers of a method with one expert per task and a router.
+def expert_plan(stage: Stage) -> ServingPlan:
+    """A routed method's serving plan: one expert per seen task, named by the task, and the
+    router record the stage stored (none at stage 0: one expert, nothing to route)."""
+    from mllmcl import storage
 
-    ``choose(j)`` returns (expert index per test sample of seen task j, number of router
-    fallbacks). Reports routing accuracy (overall and per task) and the oracle answers
-    (expert j on task j); the expert answers come from the prediction cache when known.
+    experts = {t.name: stage.expert_uri(i) for i, t in enumerate(stage.seen)}
+    return ServingPlan(experts, router=storage.read_json(stage.router_record_uri()) if stage.k > 0 else None)
+
+
+def fit_router(stage: Stage, router, settings, predictor) -> None:
+    """Fit a routed method's router after the stage's fine-tunes (its own fine-tunes ran among
+    them), store its record in the run, and note its fit time on the stage."""
+    from mllmcl import storage
+
+    t0 = time.perf_counter()
+    storage.write_json(stage.router_record_uri(), router.fit(stage, settings, predictor))
+    tuned = [stage.trained.get(r.output_uri, {}).get("seconds") for r in router.training(stage, settings)]
+    stage.router_fit_seconds = None if None in tuned else sum(tuned) + time.perf_counter() - t0
+
+
+def routed_answer(stage: Stage, predictor: Predictor, router, rng_for=None) -> Answers:
+    """Answers of a method with one expert per task and a router (:class:`mllmcl.routing.Router`).
+
+    Every seen task's test questions are routed (``rng_for(j)``: the fallback's seeded draw
+    for task j, if the router has one), answered by the chosen experts, and by expert j for
+    the oracle. Reports routing accuracy (overall and per task), fallbacks and the router's
+    cost; the expert answers come from the prediction cache when known.
     """
     experts = [stage.expert_uri(i) for i in range(stage.k + 1)]
     preds, used, oracle, per_task = {}, {}, {}, {}
     right = total = fallbacks = 0
     for j, task in enumerate(stage.seen):
-        choices, n_fallback = choose(j)
+        routes = router.route(predictor, [eval_prompt(s) for s in task.test], [s.image for s in task.test],
+                              rng_for(j) if rng_for is not None else None)
+        choices = [r.index for r in routes]
         used[task.name] = [experts[c] for c in choices]
         preds[task.name] = predictor.generate(task.test, used[task.name], max_tokens(stage, task))
         oracle[task.name] = predictor.generate(task.test, [experts[j]] * len(task.test), max_tokens(stage, task))
         hits = sum(c == j for c in choices)
         per_task[task.name] = 100.0 * hits / max(1, len(choices))
-        right, total, fallbacks = right + hits, total + len(choices), fallbacks + n_fallback
-    info = {"router_accuracy": 100.0 * right / max(1, total), "router_accuracy_per_task": per_task,
-            "router_fallbacks": fallbacks}
+        right, total, fallbacks = right + hits, total + len(choices), fallbacks + sum(r.fallback for r in routes)
+    info = {"router": router.kind, "router_accuracy": 100.0 * right / max(1, total),
+            "router_accuracy_per_task": per_task, "router_fallbacks": fallbacks,
+            "router_fit_seconds": stage.router_fit_seconds,
+            "router_seconds_per_question": router.seconds_per_question()}
     return Answers(preds, used, info, oracle=oracle)

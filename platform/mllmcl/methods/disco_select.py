@@ -1,6 +1,7 @@
 """disco_select: one LoRA expert per task (trained from the frozen base, as MR-LoRA's),
 chosen at test time by identity: the cosine similarity between the question's text
-embedding and each seen task's prototype (DISCO / HiDe-style task-identity selection).
+embedding and each seen task's prototype (DISCO / HiDe-style task-identity selection),
+the ``text_prototype`` router (:mod:`mllmcl.routing.text_prototype`).
 
 The embedding is the base model's own language model, mean-pooled over the question's
 tokens (no download, works for every backbone); a task's prototype is the mean embedding
@@ -12,55 +13,45 @@ reported under the same keys (``router_accuracy``...).
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
 
 from mllmcl import storage
-from mllmcl.data.prompts import eval_prompt
 from mllmcl.methods import register
-from mllmcl.methods.base import Answers, CLMethod, NotServable, Stage, request, routed_answer
+from mllmcl.methods.base import (Answers, CLMethod, MethodOptions, ServingPlan, Stage, expert_plan, fit_router,
+                                 request, routed_answer)
+from mllmcl.routing import load_router
+from mllmcl.routing.text_prototype import TextPrototypeRouter, TextPrototypeSettings
+
+
+@dataclass(frozen=True)
+class DiscoSelectOptions(MethodOptions):
+    prototype_samples_per_task: int = 100  # train questions averaged into a task's prototype
+
+    def check(self) -> list[str]:
+        if self.prototype_samples_per_task < 1:
+            return [f"method.prototype_samples_per_task={self.prototype_samples_per_task}: must be >= 1"]
+        return []
 
 
 @register("disco_select")
 class DiscoSelect(CLMethod):
+    Options = DiscoSelectOptions
     routed = True
+
+    def router_settings(self) -> TextPrototypeSettings:
+        return TextPrototypeSettings(samples_per_task=self.options.prototype_samples_per_task, seed=self.cfg.run.seed)
 
     def plan(self, stage: Stage):
         return [request(stage, "expert", stage.task.train, stage.expert_uri())]
 
-    @staticmethod
-    def prototype_uri(stage: Stage, k: int) -> str:
-        return storage.join(stage.layout.task_dir(k, stage.stream.tasks[k].name), "prototype.json")
-
     def finish(self, stage: Stage, predictor) -> None:
-        uri = self.prototype_uri(stage, stage.k)
-        if storage.exists(uri):
-            return
-        train = stage.task.train
-        n = min(self.cfg.method.prototype_samples_per_task, len(train))
-        rng = np.random.default_rng([self.cfg.run.seed, 6151, stage.k])
-        pick = sorted(rng.choice(len(train), n, replace=False).tolist())
-        emb = np.asarray(predictor.embed([eval_prompt(train[j]) for j in pick]), dtype=np.float64)
-        proto = emb.mean(axis=0)
-        proto /= max(np.linalg.norm(proto), 1e-12)
-        storage.write_json(uri, {"task": stage.task.name, "samples": n, "uids": [train[j].uid for j in pick],
-                                 "embedding": proto.tolist()})
-
-    def prototypes(self, stage: Stage) -> np.ndarray:
-        return np.asarray([storage.read_json(self.prototype_uri(stage, i))["embedding"] for i in range(stage.k + 1)])
-
-    def select(self, stage: Stage, predictor, task_index: int) -> list[int]:
-        """Expert index per test sample of seen task ``task_index``."""
-        task = stage.seen[task_index]
-        if stage.k == 0:
-            return [0] * len(task.test)
-        q = np.asarray(predictor.embed([eval_prompt(s) for s in task.test]), dtype=np.float64)
-        return (q @ self.prototypes(stage).T).argmax(axis=1).tolist()
+        fit_router(stage, TextPrototypeRouter, self.router_settings(), predictor)
 
     def answer(self, stage: Stage, predictor) -> Answers:
-        answers = routed_answer(stage, predictor, lambda j: (self.select(stage, predictor, j), 0))
+        router = load_router(storage.read_json(stage.router_record_uri()), stage.layout.run_dir)
+        answers = routed_answer(stage, predictor, router)
         answers.info["selector"] = "text-prototype cosine"
         return answers
 
-    def serving(self, stage: Stage):
-        raise NotServable("disco_select routes by text prototypes, which the service does not implement "
-                          "(it serves MR-LoRA's MLLM router); evaluate it with the stream runner")
+    def serving(self, stage: Stage) -> ServingPlan:
+        return expert_plan(stage)  # the service routes with the same text-prototype router

@@ -5,19 +5,33 @@ union of tasks 1..k, so the accuracy matrix is complete; ``final`` trains once, 
 tasks, at the last stage, and earlier stages are answered by the base model.
 """
 
+from dataclasses import dataclass
+
 from mllmcl.methods import register
-from mllmcl.methods.base import CLMethod, Answers, ServingPlan, Stage, answer_with, request
+from mllmcl.methods.base import Answers, CLMethod, MethodOptions, ServingPlan, Stage, answer_with, request
+
+
+@dataclass(frozen=True)
+class JointOptions(MethodOptions):
+    joint_mode: str = "cumulative"  # cumulative: tasks 1..k at every stage | final: all tasks, once, at the end
+
+    def check(self) -> list[str]:
+        if self.joint_mode not in ("cumulative", "final"):
+            return [f"method.joint_mode={self.joint_mode!r}: expected cumulative or final"]
+        return []
 
 
 @register("joint")
 class Joint(CLMethod):
+    Options = JointOptions
+
     def _trains(self, stage: Stage) -> bool:
-        return self.cfg.method.joint_mode == "cumulative" or stage.k == len(stage.stream.tasks) - 1
+        return self.options.joint_mode == "cumulative" or stage.k == len(stage.stream.tasks) - 1
 
     def plan(self, stage: Stage):
         if not self._trains(stage):
             return []
-        tasks = stage.seen if self.cfg.method.joint_mode == "cumulative" else stage.stream.tasks
+        tasks = stage.seen if self.options.joint_mode == "cumulative" else stage.stream.tasks
         samples = [s for t in tasks for s in t.train]
         return [request(stage, "lora", samples, stage.expert_uri(), tasks=[t.name for t in tasks])]
 

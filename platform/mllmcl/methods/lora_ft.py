@@ -1,7 +1,7 @@
 """lora_ft: one LoRA fine-tuned task after task (each stage starts from the previous one)."""
 
 from mllmcl.methods import register
-from mllmcl.methods.base import CLMethod, Answers, ServingPlan, Stage, answer_with, request
+from mllmcl.methods.base import Answers, CLMethod, ServingPlan, Stage, answer_with, request
 
 
 @register("lora_ft")

@@ -1,5 +1,6 @@
 """mr_lora: MR-LoRA — one LoRA expert per task trained from the frozen base, plus an
-MLLM router (the base model + a router LoRA) that names the expert for each question.
+MLLM router (the base model + a router LoRA, :mod:`mllmcl.routing.mllm`) that names the
+expert for each question.
 
 Stage k trains expert k on task k only, then a fresh router LoRA on
 ``method.router_samples_per_task`` train samples of every seen task (cumulative),
@@ -12,69 +13,70 @@ router. Expert predictions are cached by the runner, so later stages only re-rou
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from mllmcl.data.prompts import eval_prompt
+from mllmcl import storage
 from mllmcl.methods import register
-from mllmcl.methods.base import Answers, CLMethod, ServingPlan, Stage, request, routed_answer
-from mllmcl.models.lora import LoraSettings
-from mllmcl.routing.router import parse_letter, router_prompt, router_training_samples
-from mllmcl.training.loop import TrainSettings
+from mllmcl.methods.base import (Answers, CLMethod, MethodOptions, ServingPlan, Stage, expert_plan, fit_router,
+                                 request, routed_answer)
+from mllmcl.routing import FALLBACK_RULES, load_router
+from mllmcl.routing.mllm import MLLMRouter, MLLMRouterSettings
 
-ROUTER_MAX_NEW_TOKENS = 4
+
+@dataclass(frozen=True)
+class MRLoRAOptions(MethodOptions):
+    router_samples_per_task: int = 20  # train samples per seen task in the router's fine-tune
+    router_epochs: float = 30.0
+    router_lr: float = 2e-3
+    router_rank: int = 16
+    router_batch_size: int = 16
+    router_fallback: str = "random"  # random | last | first: expert used when the router's answer does not parse
+
+    def check(self) -> list[str]:
+        p = []
+        if self.router_samples_per_task < 1:
+            p.append(f"method.router_samples_per_task={self.router_samples_per_task}: must be >= 1")
+        if self.router_epochs <= 0:
+            p.append(f"method.router_epochs={self.router_epochs}: must be > 0")
+        if not 0 < self.router_lr < 1:
+            p.append(f"method.router_lr={self.router_lr}: must be in (0, 1)")
+        if self.router_rank < 1:
+            p.append(f"method.router_rank={self.router_rank}: must be >= 1")
+        if self.router_batch_size < 1:
+            p.append(f"method.router_batch_size={self.router_batch_size}: must be >= 1")
+        if self.router_fallback not in FALLBACK_RULES:
+            p.append(f"method.router_fallback={self.router_fallback!r}: expected random, last or first")
+        return p
 
 
 @register("mr_lora")
 class MRLoRA(CLMethod):
+    Options = MRLoRAOptions
     routed = True
 
-    def router_settings(self, stage: Stage) -> tuple[LoraSettings, TrainSettings]:
-        m, lora = self.cfg.method, self.cfg.lora
-        return (LoraSettings(rank=m.router_rank, alpha=2 * m.router_rank, dropout=lora.dropout,
-                             target_modules=tuple(lora.target_modules)),
-                TrainSettings(epochs=m.router_epochs, batch_size=m.router_batch_size, lr=m.router_lr,
-                              warmup_ratio=self.cfg.train.warmup_ratio, seed=self.cfg.run.seed + 1000 + stage.k))
+    def router_settings(self) -> MLLMRouterSettings:
+        m, cfg = self.options, self.cfg
+        return MLLMRouterSettings(samples_per_task=m.router_samples_per_task, epochs=m.router_epochs,
+                                  lr=m.router_lr, rank=m.router_rank, batch_size=m.router_batch_size,
+                                  fallback=m.router_fallback, seed=cfg.run.seed, warmup_ratio=cfg.train.warmup_ratio,
+                                  dropout=cfg.lora.dropout, target_modules=tuple(cfg.lora.target_modules))
 
     def plan(self, stage: Stage):
-        reqs = [request(stage, "expert", stage.task.train, stage.expert_uri())]
-        if stage.k > 0:
-            samples = router_training_samples(stage.seen, self.cfg.method.router_samples_per_task, self.cfg.run.seed)
-            lora, train = self.router_settings(stage)
-            reqs.append(request(stage, "router", samples, stage.router_uri(), lora=lora, train=train,
-                                experts=[t.name for t in stage.seen]))
-        return reqs
+        return [request(stage, "expert", stage.task.train, stage.expert_uri()),
+                *MLLMRouter.training(stage, self.router_settings())]
 
-    def route(self, stage: Stage, predictor, task_index: int) -> tuple[list[int], list[str], int]:
-        """(expert index per test sample, raw router answers, number of fallbacks)."""
-        task = stage.seen[task_index]
-        n = len(task.test)
-        if stage.k == 0:
-            return [0] * n, ["A"] * n, 0
-        specs = [t.spec for t in stage.seen]
-        questions = [router_prompt(specs, eval_prompt(s)) for s in task.test]
-        raw = predictor.generate(task.test, [stage.router_uri()] * n, ROUTER_MAX_NEW_TOKENS, questions=questions)
-        rng = np.random.default_rng([self.cfg.run.seed, 31337, stage.k, task_index])
-        fallback = self.cfg.method.router_fallback
-        choices, n_fallback = [], 0
-        for answer in raw:
-            idx = parse_letter(answer, len(specs))
-            if idx is None:
-                n_fallback += 1
-                idx = {"first": 0, "last": stage.k}.get(fallback, None)
-                if idx is None:
-                    idx = int(rng.integers(stage.k + 1))
-            choices.append(idx)
-        return choices, raw, n_fallback
+    def finish(self, stage: Stage, predictor) -> None:
+        fit_router(stage, MLLMRouter, self.router_settings(), predictor)
 
     def answer(self, stage: Stage, predictor) -> Answers:
-        def choose(j: int):
-            choices, _, n_fallback = self.route(stage, predictor, j)
-            return choices, n_fallback
-
-        answers = routed_answer(stage, predictor, choose)
-        answers.info["router_fallback_rule"] = self.cfg.method.router_fallback
+        router = load_router(storage.read_json(stage.router_record_uri()), stage.layout.run_dir)
+        seed = self.cfg.run.seed
+        answers = routed_answer(stage, predictor, router,
+                                lambda j: np.random.default_rng([seed, 31337, stage.k, j]))
+        answers.info["router_fallback_rule"] = self.options.router_fallback
         return answers
 
     def serving(self, stage: Stage) -> ServingPlan:
-        experts = {t.name: stage.expert_uri(i) for i, t in enumerate(stage.seen)}
-        return ServingPlan(experts, router=stage.router_uri() if stage.k > 0 else None)
+        return expert_plan(stage)

@@ -7,21 +7,39 @@ a seeded random draw that depends only on (seed, i), so a task's share of the bu
 stays the same from stage to stage and across resumed runs.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from mllmcl.methods import register
-from mllmcl.methods.base import Stage
+from mllmcl.methods.base import MethodOptions, Stage
 from mllmcl.methods.lora_ft import LoraFT
+
+
+@dataclass(frozen=True)
+class ReplayOptions(MethodOptions):
+    replay_per_task: int = 100  # samples kept per earlier task (0 = use replay_ratio)
+    replay_ratio: float = 0.0  # buffer size as a fraction of the current task's train split
+
+    def check(self) -> list[str]:
+        p = []
+        if self.replay_per_task < 0:
+            p.append(f"method.replay_per_task={self.replay_per_task}: must be >= 0")
+        if not 0 <= self.replay_ratio <= 10:
+            p.append(f"method.replay_ratio={self.replay_ratio}: must be in [0, 10]")
+        return p
 
 
 @register("replay")
 class Replay(LoraFT):
+    Options = ReplayOptions
+
     def __init__(self, cfg, stream):
         super().__init__(cfg, stream)
         self.buffer: dict[str, list[str]] = {}
 
     def per_task(self, stage: Stage) -> int:
-        m = self.cfg.method
+        m = self.options
         if m.replay_per_task:
             return m.replay_per_task
         return max(1, int(round(m.replay_ratio * len(stage.task.train) / max(1, stage.k))))

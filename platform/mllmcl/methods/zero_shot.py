@@ -1,7 +1,7 @@
 """zero_shot: the base model on every task, nothing trained (the table's first row)."""
 
 from mllmcl.methods import register
-from mllmcl.methods.base import CLMethod, Answers, ServingPlan, Stage, answer_with
+from mllmcl.methods.base import Answers, CLMethod, ServingPlan, Stage, answer_with
 
 
 @register("zero_shot")

@@ -1,7 +1,7 @@
 """Adapter folders in storage: publish (with meta.json, written last) and fetch, local or s3://.
 
-Two formats: a standard PEFT folder (``adapter_config.json`` + safetensors) and a MoELoRA
-folder (``moelora_config.json`` + safetensors, see :mod:`mllmcl.models.moelora`). Every
+A standard PEFT folder (``adapter_config.json`` + safetensors), or a method's own format
+(MoELoRA: ``moelora_config.json`` + safetensors, see :mod:`mllmcl.methods.moelora`). Every
 adapter folder carries ``meta.json`` (what trained it); it is written last, so a folder
 with ``meta.json`` is complete.
 """
@@ -54,17 +54,6 @@ def save_adapter(model, uri: str, meta: dict, adapter_name: str = "default") -> 
 def adapter_exists(uri: str) -> bool:
     """A complete adapter folder (of either format) is at ``uri``."""
     return storage.exists(storage.join(uri, META))
-
-
-def adapter_format(local_dir: str) -> str:
-    """``peft`` or ``moelora``, from the files in a local adapter folder."""
-    from mllmcl.models.moelora import CONFIG_FILE
-
-    if (Path(local_dir) / PEFT_CONFIG).exists():
-        return "peft"
-    if (Path(local_dir) / CONFIG_FILE).exists():
-        return "moelora"
-    raise FileNotFoundError(f"{local_dir}: neither {PEFT_CONFIG} nor {CONFIG_FILE} (not an adapter folder)")
 
 
 @contextlib.contextmanager

@@ -66,7 +66,7 @@ def tokenizer_corpus(seed: int = 0) -> list[str]:
             ans = item.answer if isinstance(item.answer, str) else " ".join(item.answer)
             texts.append(f"USER: {item.question} ASSISTANT: {ans}")
     from mllmcl.data.streams import STREAMS
-    from mllmcl.routing.router import router_prompt
+    from mllmcl.data.prompts import router_prompt
 
     for stream in STREAMS.values():  # the MR-LoRA router's prompt, with every expert description
         texts += [router_prompt(stream.tasks, "Q") for _ in range(20)]

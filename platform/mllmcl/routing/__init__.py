@@ -1,5 +1,8 @@
-"""Routers: the MR-LoRA MLLM router (base model + router LoRA) and helpers."""
+"""Routers, one interface (:mod:`mllmcl.routing.base`), one registry by kind:
+``mllm`` (MR-LoRA's MLLM router) and ``text_prototype`` (a training-free selector)."""
 
-from mllmcl.routing.router import LETTERS, parse_letter, router_prompt, router_training_samples
+from mllmcl.routing.base import (FALLBACK_RULES, Route, Router, fallback_index, get_router, load_router,
+                                 register_router, registered_routers)
 
-__all__ = ["LETTERS", "parse_letter", "router_prompt", "router_training_samples"]
+__all__ = ["FALLBACK_RULES", "Route", "Router", "fallback_index", "get_router", "load_router", "register_router",
+           "registered_routers"]

@@ -1,4 +1,4 @@
-"""The Ray Serve application of a run: an OpenAI-style ingress, the MR-LoRA router, and an
+"""The Ray Serve application of a run: an OpenAI-style ingress, the run's router, and an
 expert pool that loads experts on demand (Serve multiplexing, LRU per replica) and answers
 a batch of requests for different experts in one forward pass.
 
@@ -31,26 +31,27 @@ api = FastAPI(title="mllmcl", description="MR-LoRA router + expert ensemble of a
 
 
 class _RouterDeployment:
-    """The base model with the run's router LoRA; names the expert for a batch of requests."""
+    """The base model with the run's router (its record: the MLLM router's LoRA, or text
+    prototypes); names the expert for a batch of requests."""
 
     def __init__(self, run: ServedRun, cfg: ServeConfig):
-        from mllmcl.serving.engine import ROUTER, AdapterEngine
+        from mllmcl.engine import Engine
+        from mllmcl.routing import load_router
 
         self.run = run
-        self.engine = AdapterEngine(run.model_path, run.dtype, cfg.router.threads)
-        self.engine.load(ROUTER, run.router)
+        self.engine = Engine(run.model_path, run.dtype, cfg.router.threads)
+        self.router = load_router(run.router, run.run_uri)
+        self.router.prepare(self.engine)
         self._route_batch.set_max_batch_size(cfg.max_batch_size)
         self._route_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _route_batch(self, items: list[tuple[str, bytes]]) -> list[dict]:
         from mllmcl.data.release import decode_image
-        from mllmcl.serving.engine import route
 
         # the forward runs on the replica's loop (see the expert pool: batches grow while it runs)
         images = [decode_image(b) for _, b in items]
-        return [r.to_dict() for r in route(self.engine, self.run.specs, [q for q, _ in items], images,
-                                           fallback=self.run.router_fallback, seed=self.run.seed)]
+        return [r.to_dict() for r in self.router.route(self.engine, [q for q, _ in items], images)]
 
     async def route(self, question: str, image: bytes) -> dict:
         return await self._route_batch((question, image))
@@ -93,11 +94,11 @@ def expert_pool_class(max_experts: int):
 
     class ExpertPool:
         def __init__(self, run: ServedRun, cfg: ServeConfig):
-            from mllmcl.serving.engine import AdapterEngine
+            from mllmcl.engine import Engine
 
             self.run = run
             self.capacity = max_experts
-            self.engine = AdapterEngine(run.model_path, run.dtype, cfg.experts.threads)
+            self.engine = Engine(run.model_path, run.dtype, cfg.experts.threads)
             self._retired: list[str] = []
             self._loads = 0
             self._lock = asyncio.Lock()  # one batch at a time on the engine, whatever Serve schedules
@@ -114,7 +115,7 @@ def expert_pool_class(max_experts: int):
             if uri is not None:
                 self._loads += 1
                 adapter = f"{name}#{self._loads}"  # a fresh name: an evicted copy may still await deletion
-                await asyncio.to_thread(self.engine.load, adapter, uri)
+                await asyncio.to_thread(self.engine.load, uri, adapter)
             return _LoadedExpert(self, name, adapter)
 
         def _delete_retired(self) -> None:
@@ -173,6 +174,7 @@ class _TokenCounter:
         from transformers import AutoConfig
 
         from mllmcl.models.batching import DEFAULT_MAX_LENGTH, Collator
+        from mllmcl.routing import load_router
         from mllmcl.models.families import family_for
         from mllmcl.models.loading import context_length, load_processor, resolve_checkpoint
 
@@ -182,23 +184,22 @@ class _TokenCounter:
         family = family_for(config.model_type)
         self.collator = Collator(load_processor(path, family), family, max_length=self.context or DEFAULT_MAX_LENGTH)
         self.limit = cfg.limits.max_prompt_tokens
+        self.router = load_router(run.router, run.run_uri) if run.router is not None else None
 
     def count(self, text: str, image_size: tuple[int, int]) -> int:
         return self.collator.prompt_tokens(text, self.collator.images.tokens_for_size(*image_size))
 
     def check(self, text: str, image_size: tuple[int, int], run: ServedRun) -> None:
-        from mllmcl.methods.mr_lora import ROUTER_MAX_NEW_TOKENS
-        from mllmcl.routing.router import router_prompt
-
         n = self.count(text, image_size)
         budget = max(run.max_new_tokens.values())
         limit = self.limit or (self.context - budget if self.context else 0)
         if limit and n > limit:
             raise RequestError(400, f"prompt is {n} tokens (with the image's); the limit is {limit}", "messages",
                                "context_length_exceeded")
-        if run.router is not None and self.context:
-            r = self.count(router_prompt(run.specs, text), image_size)
-            if r + ROUTER_MAX_NEW_TOKENS > self.context:
+        prompts = self.router.prompts([text]) if self.router is not None and self.context else None
+        if prompts:
+            r = self.count(prompts[0], image_size)
+            if r + self.router.max_new_tokens > self.context:
                 raise RequestError(400, f"the router's prompt for this text is {r} tokens; the model's context is "
                                         f"{self.context}", "messages", "context_length_exceeded")
 
@@ -223,7 +224,7 @@ class _Ingress:
     async def models(self) -> dict:
         """The routed ensemble first (its id is the run id: the router picks the expert), then
         every expert (its task name: pins it and skips the router)."""
-        from mllmcl.routing.router import LETTERS
+        from mllmcl.data.prompts import LETTERS
 
         ensemble = {"id": self.run.run_id, "object": "model", "created": self.created, "owned_by": "mllmcl",
                     "mllmcl": {"kind": "ensemble", "routed": self.run.routed, "stage": self.run.stage,
@@ -304,7 +305,7 @@ def app_builder(args: dict):
 
 def start(run_uri: str, cfg: ServeConfig, *, blocking: bool = False):
     """Deploy the run's application on the connected Ray cluster; returns the loaded run."""
-    from mllmcl.training.ray_env import forwarded_env
+    from mllmcl.cluster import forwarded_env
 
     run = load_served_run(run_uri, cfg.stage, model_path=cfg.model_path, dtype=cfg.dtype, base_only=cfg.base_only)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mllmcl.config import build_dataclass, load_yaml
+from mllmcl.settings import build_dataclass, load_yaml
 from mllmcl.paths import TINY_MODEL, absolute
 
 

@@ -58,7 +58,7 @@ class EnsemblePredictor:
     """Ray Data callable class: one router + experts model per actor."""
 
     def __init__(self, run: ServedRun, threads: int = 0, max_new_tokens: int | None = None):
-        from mllmcl.serving.engine import Ensemble
+        from mllmcl.serving.ensemble import Ensemble
 
         self.ensemble = Ensemble(run, threads)
         self.max_new_tokens = max_new_tokens
@@ -81,7 +81,7 @@ def _predict(run: ServedRun, rows: list[dict], max_new: int, *, backend: str, ba
         return out
     import ray
 
-    from mllmcl.training.ray_env import init_ray
+    from mllmcl.cluster import init_ray
 
     init_ray()
     if not threads:
@@ -99,8 +99,7 @@ def evaluate_run(run_uri: str, data: str, *, task: str | None = None, out: str |
                  num_gpus: float = 0.0, threads: int = 0, limit: int = 0, verify_images: str = "exists",
                  model_path: str = "", dtype: str = "") -> EvalResult:
     from mllmcl.data.prompts import eval_prompt
-    from mllmcl.evaluation.generate import score_predictions
-    from mllmcl.evaluation.predictions import write_predictions
+    from mllmcl.evaluation.predictions import score_predictions, write_predictions
 
     if backend not in ("ray", "local"):
         raise ValueError(f"backend={backend!r}: expected ray or local")

@@ -1,6 +1,7 @@
 """A finished (or partly finished) run, as something to serve: which stage, which experts,
 which router, which base model, and each expert's answer budget. Built from the run's
-own manifest and config only; experts load only from the adapters this lists.
+own manifest (each stage records what serves it) and config file only, without knowing
+the method; experts load only from the adapters this lists.
 """
 
 from __future__ import annotations
@@ -10,12 +11,9 @@ from dataclasses import dataclass
 import yaml
 
 from mllmcl import storage
-from mllmcl.config import Config, config_from_dict
 from mllmcl.data.streams import get_stream_spec
-from mllmcl.data.types import Stream, Task, TaskSpec
+from mllmcl.data.types import TaskSpec
 from mllmcl.errors import ConfigError
-from mllmcl.methods import get_method
-from mllmcl.methods.base import NotServable, Stage
 from mllmcl.paths import absolute
 from mllmcl.storage.layout import RunLayout
 from mllmcl.storage.manifest import Manifest
@@ -30,12 +28,10 @@ class ServedRun:
     stage: int
     model_path: str
     dtype: str
-    experts: dict[str, str | None]  # name -> adapter URI (None = base model), router letter order
-    router: str | None
-    specs: tuple[TaskSpec, ...]  # the seen tasks (the router prompt describes them)
+    experts: dict[str, str | None]  # name -> adapter URI (None = base model), the router's expert order
+    router: dict | None  # the router's record (mllmcl.routing.load_router), None: one expert
+    specs: tuple[TaskSpec, ...]  # the seen tasks
     max_new_tokens: dict[str, int]  # expert -> answer budget (as the stream runner evaluated)
-    router_fallback: str
-    seed: int
     eval_max_new_tokens: int = 0  # the run's eval.max_new_tokens (0 = each task's own budget)
 
     @property
@@ -58,17 +54,11 @@ def split_run_uri(uri: str) -> RunLayout:
     return RunLayout(root, run_id)
 
 
-def load_run_config(layout: RunLayout) -> Config:
+def load_run_config(layout: RunLayout) -> dict:
+    """The run's resolved config as stored (a mapping: serving needs no method's options)."""
     if not storage.exists(layout.config):
         raise ConfigError([f"{layout.run_dir}: no config.yaml (not a run folder)"])
-    return config_from_dict(yaml.safe_load(storage.read_text(layout.config))["config"])
-
-
-def spec_stream(cfg: Config, manifest: Manifest) -> Stream:
-    """The run's stream with task specs only (no data is read)."""
-    spec = get_stream_spec(manifest.stream)
-    tasks = tuple(Task(spec=spec.task(n), index=i, root="", train=(), test=()) for i, n in enumerate(manifest.tasks))
-    return Stream(name=spec.name, root="", tasks=tasks)
+    return yaml.safe_load(storage.read_text(layout.config))["config"]
 
 
 def load_served_run(run_uri: str, stage: int = -1, *, model_path: str = "", dtype: str = "",
@@ -78,32 +68,36 @@ def load_served_run(run_uri: str, stage: int = -1, *, model_path: str = "", dtyp
     if manifest is None:
         raise ConfigError([f"{layout.run_dir}: no manifest.json (no such run, or it has not finished a stage)"])
     cfg = load_run_config(layout)
-    done = [s["k"] for s in manifest.stages if s.get("status") == "complete"]
-    if not done:
+    complete = {s["k"]: s for s in manifest.stages if s.get("status") == "complete"}
+    if not complete:
         raise ConfigError([f"run {layout.run_id!r} has no complete stage to serve"])
-    k = max(done) if stage < 0 else stage
-    if k not in done:
-        raise ConfigError([f"stage {stage} of run {layout.run_id!r} is not complete (complete stages: {sorted(done)})"])
-    stream = spec_stream(cfg, manifest)
-    st = Stage(k, stream, layout, cfg)
+    k = max(complete) if stage < 0 else stage
+    if k not in complete:
+        raise ConfigError([f"stage {stage} of run {layout.run_id!r} is not complete (complete stages: "
+                           f"{sorted(complete)})"])
+    spec = get_stream_spec(manifest.stream)
+    seen = [spec.task(n) for n in manifest.tasks[: k + 1]]
     if base_only:
         experts, router = {"base": None}, None
     else:
-        try:
-            plan = get_method(manifest.method)(cfg, stream).serving(st)
-        except NotServable as e:
-            raise ConfigError([f"run {layout.run_id!r} ({manifest.method}): {e}"]) from None
-        experts, router = dict(plan.experts), plan.router
-    missing = [u for u in [*experts.values(), router] if u is not None and not
-               storage.exists(storage.join(u, "meta.json"))]
+        record = complete[k].get("serving")
+        if record is None:
+            raise ConfigError([f"run {layout.run_id!r} was made before stages recorded what serves them: run its "
+                               f"job again with the same run.id to record it (nothing is retrained)"])
+        if "refused" in record:
+            raise ConfigError([f"run {layout.run_id!r} ({manifest.method}): {record['refused']}"])
+        experts = {n: None if rel is None else layout.path(rel) for n, rel in record["experts"].items()}
+        router = record.get("router")
+    adapters = [*experts.values(), layout.path(router["adapter"]) if router and router.get("adapter") else None]
+    missing = [u for u in adapters if u is not None and not storage.exists(storage.join(u, "meta.json"))]
     if missing:
         raise ConfigError([f"{u}: adapter missing or incomplete" for u in missing])
-    budget = cfg.eval.max_new_tokens
-    seen = [t.spec for t in st.seen]
+    budget = int((cfg.get("eval") or {}).get("max_new_tokens") or 0)
     by_name = {t.name: t for t in seen}
     max_new = {name: budget or (by_name[name].max_new_tokens if name in by_name else max(t.max_new_tokens for t in seen))
                for name in experts}
-    return ServedRun(run_uri=layout.run_dir, run_id=layout.run_id, method=manifest.method, stream=stream.name,
-                     stage=k, model_path=model_path or cfg.model.path, dtype=dtype or cfg.model.dtype,
-                     experts=experts, router=router, specs=tuple(seen), max_new_tokens=max_new,
-                     router_fallback=cfg.method.router_fallback, seed=cfg.run.seed, eval_max_new_tokens=budget)
+    model = cfg.get("model") or {}
+    return ServedRun(run_uri=layout.run_dir, run_id=layout.run_id, method=manifest.method, stream=spec.name,
+                     stage=k, model_path=model_path or model.get("path", "tiny"),
+                     dtype=dtype or model.get("dtype", "float32"), experts=experts, router=router,
+                     specs=tuple(seen), max_new_tokens=max_new, eval_max_new_tokens=budget)

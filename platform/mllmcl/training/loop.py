@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -19,27 +18,9 @@ from tqdm.auto import tqdm
 
 from mllmcl.data.types import Sample
 from mllmcl.models.batching import IGNORE_INDEX, Collator, PixelCache
+from mllmcl.settings import TrainSettings
 
-
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: float = 3.0
-    max_steps: int | None = None
-    batch_size: int = 16  # the effective (global) batch
-    lr: float = 2e-3
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    grad_accum: int = 1
-
-    def num_steps(self, n_samples: int) -> int:
-        per_epoch = math.ceil(n_samples / self.batch_size)
-        steps = max(1, int(round(self.epochs * per_epoch)))
-        return min(steps, self.max_steps) if self.max_steps else steps
-
-    def steps_per_epoch(self, n_samples: int) -> int:
-        return math.ceil(n_samples / self.batch_size)
+__all__ = ["TrainSettings", "batch_order", "fit", "make_optimizer", "train_steps"]
 
 
 def cosine_with_warmup(optimizer, total: int, warmup_ratio: float):
@@ -104,7 +85,7 @@ def train_steps(model, collator: Collator, pixels: PixelCache, samples: Sequence
     """Run steps ``start_step .. num_steps-1``; return the (global) loss of each step run.
 
     ``stepper`` applies the update (default :class:`TorchStepper`; DeepSpeed brings its own,
-    see :mod:`mllmcl.training.strategy`).
+    see :mod:`mllmcl.training.deepspeed`).
     """
     steps = settings.num_steps(len(samples))
     order = batch_order(len(samples), settings.batch_size, steps, settings.seed)

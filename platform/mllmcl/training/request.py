@@ -1,54 +1,50 @@
-"""What one fine-tuning job needs, in a form that travels to Ray Train workers."""
+"""What one fine-tuning needs, typed: the adapter to fit (:class:`TrainRequest`, planned by a
+CL method) and everything the workers of that fit need (:class:`FitConfig`, Ray Train's
+``train_loop_config``)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from mllmcl.data.types import Sample
-from mllmcl.models.lora import LoraSettings
-from mllmcl.training.loop import TrainSettings
-
-
-def sample_to_dict(s: Sample) -> dict:
-    return {"uid": s.uid, "task": s.task, "split": s.split, "image": s.image, "image_rel": s.image_rel,
-            "question": s.question, "answer": list(s.answer) if isinstance(s.answer, tuple) else s.answer,
-            "meta": dict(s.meta)}
-
-
-def sample_from_dict(d: dict) -> Sample:
-    ans = d["answer"]
-    return Sample(uid=d["uid"], task=d["task"], split=d["split"], image=d["image"], image_rel=d["image_rel"],
-                  question=d["question"], answer=tuple(ans) if isinstance(ans, list) else ans, meta=d["meta"])
+from mllmcl.settings import LoraSettings, TrainSettings
 
 
 @dataclass
 class TrainRequest:
-    """Fine-tune one adapter: on ``samples``, from ``init_adapter`` (or fresh), into ``output_uri``."""
+    """Fine-tune one adapter: on ``samples``, from ``init_adapter`` (or fresh), into ``output_uri``.
+
+    ``adapter_kind`` builds, regularises and saves the adapter (None: a PEFT LoRA,
+    :class:`mllmcl.training.adapter_kinds.LoraKind`); a method with its own kind defines the
+    class in its module and names it here, with its options in ``adapter_args``. The class
+    travels to the workers by reference (its module is imported there).
+    """
 
     stage: int
     task: str
-    kind: str  # expert | lora | router
+    kind: str  # expert | lora | router: what the adapter is for
     samples: list[Sample]
     output_uri: str
     lora: LoraSettings
     train: TrainSettings
     init_adapter: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-    recipe: str = "lora"  # how the worker builds, regularises and saves the adapter (training.recipes)
-    recipe_args: dict[str, Any] = field(default_factory=dict)
+    adapter_kind: type | None = None
+    adapter_args: dict[str, Any] = field(default_factory=dict)
 
-    def to_config(self) -> dict:
-        return {"stage": self.stage, "task": self.task, "kind": self.kind,
-                "samples": [sample_to_dict(s) for s in self.samples], "output_uri": self.output_uri,
-                "lora": asdict(self.lora), "train": asdict(self.train), "init_adapter": self.init_adapter,
-                "meta": self.meta, "recipe": self.recipe, "recipe_args": self.recipe_args}
 
-    @classmethod
-    def from_config(cls, d: dict) -> "TrainRequest":
-        lora = dict(d["lora"])
-        lora["target_modules"] = tuple(lora["target_modules"])
-        return cls(stage=d["stage"], task=d["task"], kind=d["kind"],
-                   samples=[sample_from_dict(s) for s in d["samples"]], output_uri=d["output_uri"],
-                   lora=LoraSettings(**lora), train=TrainSettings(**d["train"]), init_adapter=d["init_adapter"],
-                   meta=d["meta"], recipe=d.get("recipe", "lora"), recipe_args=d.get("recipe_args") or {})
+@dataclass(frozen=True)
+class FitConfig:
+    """The typed loop config of one fit: what every worker of it reads."""
+
+    request: TrainRequest
+    model_path: str
+    dtype: str = "float32"
+    threads: int = 0  # torch threads; 0 = the node's cores / the fit's workers on the node
+    mixed_precision: str = "auto"  # auto (bf16 on GPU) | bf16 | fp16 | no
+    checkpoint_every: int = 0  # steps; 0 = once per epoch, at most AUTO_CHECKPOINTS per fit
+    strategy: str = "ddp"  # ddp | deepspeed
+    zero_stage: int = 2
+    offload: str = "none"
+    inject_failure: dict | None = None  # tests only: {"step", "rank", "marker", "raise"}

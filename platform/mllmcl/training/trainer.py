@@ -9,8 +9,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from mllmcl.config import Config
-from mllmcl.training.request import TrainRequest
+from mllmcl.settings import ScalingConfig
+from mllmcl.training.request import FitConfig, TrainRequest
 
 log = logging.getLogger(__name__)
 
@@ -46,51 +46,53 @@ def _inject_failure(request: TrainRequest) -> dict | None:
     return {"step": int(step), "rank": int(rank), "marker": marker}
 
 
-def _loop_config(request: TrainRequest, cfg: Config, model_path: str) -> dict:
-    sc = cfg.scaling
-    return {"request": request.to_config(), "model_path": model_path, "dtype": cfg.model.dtype,
-            "threads": sc.threads_per_worker,  # 0: the worker uses its node's cores / local workers
-            "mixed_precision": cfg.train.mixed_precision, "checkpoint_every": sc.checkpoint_every,
-            "strategy": sc.strategy, "zero_stage": sc.zero_stage, "offload": sc.offload,
-            "inject_failure": _inject_failure(request)}
+def fit_config(request: TrainRequest, model_path: str, scaling: ScalingConfig, *, dtype: str = "float32",
+               mixed_precision: str = "auto") -> FitConfig:
+    return FitConfig(request=request, model_path=model_path, dtype=dtype, threads=scaling.threads_per_worker,
+                     mixed_precision=mixed_precision, checkpoint_every=scaling.checkpoint_every,
+                     strategy=scaling.strategy, zero_stage=scaling.zero_stage, offload=scaling.offload,
+                     inject_failure=_inject_failure(request))
 
 
-def run_training(request: TrainRequest, cfg: Config, model_path: str, checkpoints_uri: str) -> TrainOutcome:
-    """Fine-tune one adapter; checkpoints go under ``checkpoints_uri``; resumes a half-done fit."""
-    if cfg.scaling.backend == "local":
-        return run_local_training(request, cfg, model_path, checkpoints_uri)
-    return run_ray_training(request, cfg, model_path, checkpoints_uri)
+def run_training(request: TrainRequest, model_path: str, checkpoints_uri: str, *, scaling: ScalingConfig,
+                 dtype: str = "float32", mixed_precision: str = "auto") -> TrainOutcome:
+    """Fine-tune one adapter with ``scaling``'s workers (Ray Train, or this process with
+    ``backend=local``); checkpoints go under ``checkpoints_uri``; resumes a half-done fit."""
+    fit = fit_config(request, model_path, scaling, dtype=dtype, mixed_precision=mixed_precision)
+    if scaling.backend == "local":
+        return run_local_training(fit, checkpoints_uri)
+    return run_ray_training(fit, scaling, checkpoints_uri)
 
 
-def run_local_training(request: TrainRequest, cfg: Config, model_path: str, checkpoints_uri: str) -> TrainOutcome:
+def run_local_training(fit: FitConfig, checkpoints_uri: str) -> TrainOutcome:
+    import dataclasses
+
     import torch
 
     from mllmcl.training.worker import LocalSession, train_adapter
 
     session = LocalSession(checkpoints_uri)
-    config = _loop_config(request, cfg, model_path)
-    if config["inject_failure"]:
-        config["inject_failure"]["raise"] = True  # in the driver's process: raise, do not exit
+    if fit.inject_failure:  # in the driver's process: raise, do not exit
+        fit = dataclasses.replace(fit, inject_failure={**fit.inject_failure, "raise": True})
     t0 = time.time()
     threads = torch.get_num_threads()
     try:
-        train_adapter(config, session)
+        train_adapter(fit, session)
     finally:
         torch.set_num_threads(threads)  # the loop sets the thread count; leave the caller's process as it was
     metrics = session.last_metrics
-    return TrainOutcome(output_uri=request.output_uri, steps=int(metrics.get("steps", 0)),
+    return TrainOutcome(output_uri=fit.request.output_uri, steps=int(metrics.get("steps", 0)),
                         final_loss=metrics.get("loss"), seconds=time.time() - t0)
 
 
-def run_ray_training(request: TrainRequest, cfg: Config, model_path: str, checkpoints_uri: str) -> TrainOutcome:
+def run_ray_training(fit: FitConfig, sc: ScalingConfig, checkpoints_uri: str) -> TrainOutcome:
     """A Ray Train ``TorchTrainer``; a failed worker group restarts from the last checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from mllmcl.training.ray_env import forwarded_env
+    from mllmcl.cluster import forwarded_env
     from mllmcl.training.worker import train_worker
 
-    sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker or 1.0
@@ -98,7 +100,7 @@ def run_ray_training(request: TrainRequest, cfg: Config, model_path: str, checkp
     name = checkpoints_uri.rstrip("/").rsplit("/", 1)[-1]
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=_loop_config(request, cfg, model_path),
+        train_loop_config={"fit": fit},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
@@ -113,5 +115,5 @@ def run_ray_training(request: TrainRequest, cfg: Config, model_path: str, checkp
     t0 = time.time()
     result = trainer.fit()
     metrics = result.metrics or {}
-    return TrainOutcome(output_uri=request.output_uri, steps=int(metrics.get("steps", 0)),
+    return TrainOutcome(output_uri=fit.request.output_uri, steps=int(metrics.get("steps", 0)),
                         final_loss=metrics.get("loss"), seconds=time.time() - t0)

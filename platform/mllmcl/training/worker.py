@@ -14,10 +14,13 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from mllmcl.training.request import FitConfig
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,7 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 def _save_state(model, optimizer, scheduler, step: int, folder: str) -> None:
     from safetensors.torch import save_file
 
-    from mllmcl.training.recipes import trainable_state
+    from mllmcl.training.adapter_kinds import trainable_state
 
     save_file(trainable_state(model), os.path.join(folder, ADAPTER_WEIGHTS))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
@@ -39,7 +42,7 @@ def _save_state(model, optimizer, scheduler, step: int, folder: str) -> None:
 def _load_state(model, optimizer, scheduler, folder: str) -> int:
     from safetensors.torch import load_file
 
-    from mllmcl.training.recipes import load_trainable_state
+    from mllmcl.training.adapter_kinds import load_trainable_state
 
     load_trainable_state(model, load_file(os.path.join(folder, ADAPTER_WEIGHTS)))
     state = torch.load(os.path.join(folder, STATE_FILE), weights_only=True)  # tensors and ints only
@@ -49,9 +52,8 @@ def _load_state(model, optimizer, scheduler, folder: str) -> int:
     return int(state["step"])
 
 
-def _maybe_inject_failure(config: dict, step: int, rank: int) -> None:
+def _maybe_inject_failure(spec: dict | None, step: int, rank: int) -> None:
     """Test hook: kill this worker process once at a given step (see MLLMCL_INJECT_WORKER_FAILURE)."""
-    spec = config.get("inject_failure")
     if not spec or spec["step"] != step or spec["rank"] != rank:
         return
     marker = Path(spec["marker"])
@@ -158,47 +160,46 @@ def train_worker(config: dict) -> None:
     # ``ray.train``, so RunConfig's LoggingConfig misses it): a line per checkpoint in the
     # user's terminal. Its warnings and errors still show.
     logging.getLogger(context.__file__).setLevel(os.environ.get("MLLMCL_RAY_TRAIN_LOG_LEVEL", "WARNING"))
-    train_adapter(config, RayTrainSession())
+    train_adapter(config["fit"], RayTrainSession())
 
 
-def train_adapter(config: dict, session) -> None:
+def train_adapter(fit: FitConfig, session) -> None:
     from mllmcl.data.release import load_image
     from mllmcl.models import load_backbone
     from mllmcl.models.batching import PixelCache
+    from mllmcl.training.adapter_kinds import LoraKind
     from mllmcl.training.loop import make_optimizer, train_steps
-    from mllmcl.training.recipes import get_recipe
-    from mllmcl.training.request import TrainRequest
 
     rank, world = session.rank, session.world
-    threads = int(config["threads"]) or max(1, (os.cpu_count() or 1) // max(1, session.local_world))
+    threads = fit.threads or max(1, (os.cpu_count() or 1) // max(1, session.local_world))
     torch.set_num_threads(threads)
-    request = TrainRequest.from_config(config["request"])
+    request = fit.request
     settings = request.train
     torch.manual_seed(settings.seed)
 
-    backbone = load_backbone(config["model_path"], config["dtype"])
-    recipe = get_recipe(request.recipe)(request)
-    model = recipe.build(backbone.model)
+    backbone = load_backbone(fit.model_path, fit.dtype)
+    kind = (request.adapter_kind or LoraKind)(request)
+    model = kind.build(backbone.model)
     device = session.device
     use_cuda = device.type == "cuda"
-    mp = config.get("mixed_precision", "auto")
+    mp = fit.mixed_precision
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.bfloat16 if (mp == "auto" and use_cuda)
                                                                       else None)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else None
 
     steps = settings.num_steps(len(request.samples))
     # default: once per epoch, but at most AUTO_CHECKPOINTS per fit (a router trains 30 epochs of 3 steps)
-    every = config["checkpoint_every"] or max(settings.steps_per_epoch(len(request.samples)),
+    every = fit.checkpoint_every or max(settings.steps_per_epoch(len(request.samples)),
                                               math.ceil(steps / AUTO_CHECKPOINTS))
     ds = None  # scaling.strategy=deepspeed: the DeepSpeed engine of this fit
-    if config.get("strategy", "ddp") == "deepspeed":
-        from mllmcl.training.strategy import DeepSpeedRun
+    if fit.strategy == "deepspeed":
+        from mllmcl.training.deepspeed import DeepSpeedRun
 
         model = model.to(device)
         optimizer, scheduler = make_optimizer(model, settings, steps)
         bf16 = use_cuda and amp_dtype is torch.bfloat16
         ds = DeepSpeedRun(model, optimizer, scheduler, batch_size=settings.batch_size, world=world,
-                          zero_stage=int(config.get("zero_stage", 2)), offload=config.get("offload", "none"),
+                          zero_stage=fit.zero_stage, offload=fit.offload,
                           grad_clip=settings.grad_clip, bf16=bf16)
         if bf16:
             autocast = None  # DeepSpeed runs the model in bf16 itself
@@ -241,24 +242,24 @@ def train_adapter(config: dict, session) -> None:
                     if rank == 0:
                         _save_state(model, optimizer, scheduler, done, tmp)
                     session.report(metrics, tmp if rank == 0 else None)
-        _maybe_inject_failure(config, done, rank)
+        _maybe_inject_failure(fit.inject_failure, done, rank)
 
     if start < steps:
         train_steps(train_model, backbone.collator, pixels, request.samples, settings, optimizer, scheduler,
                     start_step=start, rank=rank, world=world, all_reduce=all_reduce, autocast=autocast,
-                    extra_loss=recipe.extra_loss, on_step=on_step, stepper=stepper)
+                    extra_loss=kind.extra_loss, on_step=on_step, stepper=stepper)
     with ds.full_parameters(model) if ds is not None else contextlib.nullcontext():
         if rank == 0:
-            _save_final(recipe, model, request, config, steps, world, start)
+            _save_final(kind, model, fit, steps, world, start)
 
 
-def _save_final(recipe, model, request, config: dict, steps: int, world: int, resumed_from: int) -> None:
+def _save_final(kind, model, fit: FitConfig, steps: int, world: int, resumed_from: int) -> None:
     """Rank 0 writes the finished adapter and what trained it to the run's storage
     (``resumed_from_step``: the checkpoint's step this fit continued from; 0 = trained from the start)."""
+    request = fit.request
     meta = {"task": request.task, "stage": request.stage, "kind": request.kind, "steps": steps,
             "resumed_from_step": resumed_from,
             "samples": len(request.samples), "workers": world, "effective_batch": request.train.batch_size,
-            "strategy": config.get("strategy", "ddp"),
-            "train": config["request"]["train"], "lora": config["request"]["lora"],
-            "init_adapter": request.init_adapter, "base_model": config["model_path"], **request.meta}
-    recipe.save(model, request.output_uri, meta)
+            "strategy": fit.strategy, "train": asdict(request.train), "lora": asdict(request.lora),
+            "init_adapter": request.init_adapter, "base_model": fit.model_path, **request.meta}
+    kind.save(model, request.output_uri, meta)

@@ -54,7 +54,7 @@ def stream_trial(config: dict, spec_data: dict, env: dict | None = None) -> None
     """
     from ray import tune
 
-    from mllmcl.training.stream import run_stream
+    from mllmcl.runner.stream import run_stream
 
     os.environ.update(env or {})
     spec = spec_from_dict(spec_data)
@@ -154,8 +154,8 @@ def run_sweep(spec: SweepSpec, resume: bool = True) -> SweepResult:
     """Run the sweep (or restore an interrupted one under the same storage and name)."""
     from ray import tune
 
-    from mllmcl.training.ray_env import forwarded_env, init_ray
-    from mllmcl.training.stream import prepare
+    from mllmcl.cluster import forwarded_env, init_ray
+    from mllmcl.runner.stream import prepare
 
     prepare(spec.base_config())  # data, model and storage checked (and the tiny base built) before any trial
     init_ray()

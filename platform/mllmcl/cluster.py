@@ -1,4 +1,4 @@
-"""Starting or joining Ray from a job."""
+"""The Ray cluster a job uses: starting or joining Ray, and the environment its workers and actors get."""
 
 from __future__ import annotations
 

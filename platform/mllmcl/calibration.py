@@ -1,4 +1,4 @@
-"""Measure what the synthetic streams promise with a given backbone:
+"""Calibration of the synthetic streams: measure what they promise with a given backbone:
 
 - zero-shot accuracy of the base on every task (should stay near chance);
 - accuracy of each task's own LoRA expert, trained from the frozen base (>= 85%);
@@ -12,11 +12,14 @@ import logging
 import time
 from dataclasses import dataclass
 
+from mllmcl.data.release import load_image
 from mllmcl.data.types import Stream
-from mllmcl.evaluation.generate import evaluate_task, pixel_cache_for
+from mllmcl.engine import Engine, evaluate_task
+from mllmcl.models.batching import PixelCache
 from mllmcl.models.loading import Backbone
-from mllmcl.models.lora import LoraSettings, attach_lora
-from mllmcl.training.loop import TrainSettings, fit
+from mllmcl.models.lora import attach_lora
+from mllmcl.settings import LoraSettings, TrainSettings
+from mllmcl.training.loop import fit
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +43,26 @@ class CalibrationRow:
 def calibrate(backbone: Backbone, stream: Stream, train: TrainSettings, lora: LoraSettings, *,
               eval_batch: int = 100, max_new_tokens: int = 16, progress: bool = True) -> list[CalibrationRow]:
     collator = backbone.collator
-    pixels = pixel_cache_for(collator)
+    pixels = PixelCache(collator.images, load_image)
     base = backbone.model
+
+    def accuracy(model, task) -> float:
+        return evaluate_task(Engine.from_model(model, collator), task.spec, task.test, batch_size=eval_batch,
+                             max_new_tokens=max_new_tokens).accuracy
+
     rows = []
     for k, task in enumerate(stream.tasks):
-        zs = evaluate_task(base, collator, pixels, task.spec, task.test, batch_size=eval_batch,
-                           max_new_tokens=max_new_tokens).accuracy
+        zs = accuracy(base, task)
         model = attach_lora(copy.deepcopy(base), lora)
         t0 = time.time()
         fit(model, collator, pixels, task.train, train, progress=progress, desc=f"expert {task.name}")
         secs = time.time() - t0
-        own = evaluate_task(model, collator, pixels, task.spec, task.test, batch_size=eval_batch,
-                            max_new_tokens=max_new_tokens).accuracy
+        own = accuracy(model, task)
         after, nxt = None, None
         if k + 1 < len(stream.tasks):
             nxt = stream.tasks[k + 1]
             fit(model, collator, pixels, nxt.train, train, progress=progress, desc=f"{task.name} -> {nxt.name}")
-            after = evaluate_task(model, collator, pixels, task.spec, task.test, batch_size=eval_batch,
-                                  max_new_tokens=max_new_tokens).accuracy
+            after = accuracy(model, task)
         row = CalibrationRow(stream.name, task.name, CHANCE.get(task.name, float("nan")), zs, own, after,
                              nxt.name if nxt else None, round(secs, 1))
         log.info("%s", row)

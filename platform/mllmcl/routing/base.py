@@ -1,0 +1,168 @@
+"""The router interface: what every router of the platform is and does.
+
+A router picks, for each question, the expert (a task's adapter) that answers it. It is
+
+- **fitted** at a stage on the seen tasks' train samples only: ``training(stage, settings)``
+  names the adapters it needs fine-tuned (the MLLM router's LoRA; none for a training-free
+  router), run by the stream runner like any fit, then ``fit(stage, settings, backend)``
+  does what needs no fine-tuning (task prototypes, ...) and returns its **record**;
+- **stored** in the run: the record (``tasks/<k>_<task>/router.json``, paths relative to
+  the run's folder) is all a later process needs (``load_router(record, run_dir)``): the
+  stream's evaluation, batch evaluation and the service route with the same object;
+- **asked** with ``route(backend, questions, images)``: per question a :class:`Route`
+  (expert index, the router's raw output, whether the fallback rule chose);
+- **costed**: the fit's seconds (its fine-tunes and ``fit``, measured by whoever fits it:
+  :func:`mllmcl.methods.base.fit_router`) and the measured seconds of every ``route`` call
+  (:attr:`Router.seconds`, :attr:`Router.questions`). The record holds no timing, so a
+  run's stored artifacts stay the same from run to run.
+
+``backend`` is anything with ``complete(prompts, images, adapter, max_new_tokens) -> texts``
+and ``embed(texts) -> vectors``: an :class:`mllmcl.engine.Engine`, or the stream's cached
+view of its evaluation worker. Routers register by kind (``@register_router("mllm")``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import pkgutil
+import time
+from dataclasses import asdict, dataclass
+from typing import Protocol, Sequence
+
+from mllmcl import storage
+
+FALLBACK_RULES = ("random", "last", "first")
+
+
+@dataclass(frozen=True)
+class Route:
+    index: int  # expert index (the record's expert order)
+    answer: str  # the router's raw output
+    fallback: bool  # the output named no expert; ``index`` comes from the fallback rule
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RouterBackend(Protocol):
+    def complete(self, prompts: Sequence[str], images: Sequence, adapter: str | None,
+                 max_new_tokens: int) -> list[str]: ...
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+
+
+def fallback_index(rule: str, n_experts: int, seed: int, question: str, rng=None) -> int:
+    """The expert for a router output that names none (the one place the rule lives).
+
+    ``first`` / ``last``: expert A / the newest expert. ``random``: a seeded draw from
+    ``rng`` when the caller has one (the stream runner: seeded by stage and task, as the
+    reference), else from the question's text, so a service sends one question to one
+    expert every time (it does not know the task).
+    """
+    if rule == "first":
+        return 0
+    if rule == "last":
+        return n_experts - 1
+    if rng is not None:
+        return int(rng.integers(n_experts))
+    digest = hashlib.sha256(f"{seed}|{question}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % n_experts
+
+
+class Router:
+    """Base class: a router restored from its record (see the module's docstring)."""
+
+    kind = ""
+    max_new_tokens = 0  # tokens the router's model generates per question (0: it generates none)
+
+    def __init__(self, record: dict, run_dir: str):
+        self.record = record
+        self.run_dir = run_dir
+        self.experts: list[str] = list(record["experts"])
+        self.seconds = 0.0  # measured time of every route() call
+        self.questions = 0
+
+    # ------------------------------------------------------------------ fitting (the stream's side)
+
+    @classmethod
+    def training(cls, stage, settings) -> list:
+        """The fine-tunes (``TrainRequest``) this router needs at ``stage``; none by default."""
+        return []
+
+    @classmethod
+    def fit(cls, stage, settings, backend) -> dict:
+        """Training-free fitting after the stage's fine-tunes; returns the router's record."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ routing
+
+    def path(self, relative: str) -> str:
+        return storage.join(self.run_dir, relative)
+
+    def prepare(self, backend) -> None:
+        """Load what routing needs into a long-lived backend (a replica's engine)."""
+
+    def prompts(self, questions: Sequence[str]) -> list[str] | None:
+        """The texts the router's model reads (a service checks them against the context), if any."""
+        return None
+
+    def route(self, backend: RouterBackend, questions: Sequence[str], images: Sequence, rng=None) -> list[Route]:
+        t0 = time.perf_counter()
+        out = [Route(0, "", False)] * len(questions) if len(self.experts) == 1 else \
+            self.select(backend, list(questions), list(images), rng)
+        self.seconds += time.perf_counter() - t0
+        self.questions += len(questions)
+        return out
+
+    def select(self, backend: RouterBackend, questions: list[str], images: list, rng=None) -> list[Route]:
+        raise NotImplementedError
+
+    def seconds_per_question(self) -> float | None:
+        """The measured routing time per question so far (None before any)."""
+        return self.seconds / self.questions if self.questions else None
+
+
+_ROUTERS: dict[str, type[Router]] = {}
+
+
+def register_router(kind: str):
+    def deco(cls):
+        if kind in _ROUTERS and _ROUTERS[kind] is not cls:
+            raise ValueError(f"router {kind!r} is registered twice")
+        cls.kind = kind
+        _ROUTERS[kind] = cls
+        return cls
+
+    return deco
+
+
+def registered_routers() -> list[str]:
+    _load_builtin()
+    return sorted(_ROUTERS)
+
+
+def get_router(kind: str) -> type[Router]:
+    _load_builtin()
+    if kind not in _ROUTERS:
+        raise KeyError(f"unknown router {kind!r}: expected one of {sorted(_ROUTERS)}")
+    return _ROUTERS[kind]
+
+
+def load_router(record: dict, run_dir: str) -> Router:
+    """The router a record describes (a stage's ``router.json``), its paths under ``run_dir``."""
+    return get_router(record["kind"])(record, run_dir)
+
+
+def _load_builtin() -> None:
+    """Import every module of the routing package once: a router registers itself by being there."""
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        package = __name__.rsplit(".", 1)[0]
+        for mod in pkgutil.iter_modules(importlib.import_module(package).__path__):
+            if not mod.name.startswith("_") and mod.name != "base":
+                importlib.import_module(f"{package}.{mod.name}")
+
+
+_LOADED = False

@@ -1,0 +1,30 @@
+"""The stream's evaluation worker: a Ray actor (or, with ``scaling.backend=local``, an object in
+the driver) holding the one engine for the whole stream. It answers with any adapter of the
+run, addressed by URI (loaded on demand, least recently used evicted), in batches grouped by
+adapter, and embeds texts for routers."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from mllmcl.engine import Engine
+
+
+class EvalWorker:
+    def __init__(self, model_path: str, dtype: str = "float32", threads: int = 0, formats: Sequence = (),
+                 max_adapters: int = 16):
+        self.engine = Engine(model_path, dtype, threads, formats=formats, max_adapters=max_adapters)
+
+    def ready(self) -> bool:
+        return True
+
+    def generate(self, prompts: Sequence[str], images: Sequence[str], adapters: Sequence[str | None],
+                 max_new_tokens: int, batch_size: int = 64) -> list[str]:
+        """Greedy answers; ``adapters[i]`` is the adapter URI for row i (None = the base model)."""
+        names = {u: None if u is None else self.engine.load(u) for u in dict.fromkeys(adapters)}
+        done = self.engine.generate(prompts, images, [names[u] for u in adapters], max_new_tokens,
+                                    batch_size=batch_size, mixed=False)
+        return [c.text for c in done]
+
+    def embed(self, texts: Sequence[str], batch_size: int = 64) -> list[list[float]]:
+        return self.engine.embed(texts, batch_size)

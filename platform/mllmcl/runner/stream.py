@@ -1,0 +1,193 @@
+"""The stream runner: for each task in order, the method's fine-tuning (Ray Train, or this
+process with ``scaling.backend=local``), the method's finishing step, then every seen task
+evaluated through the one engine (row k of the accuracy matrix), then the manifest.
+
+A run is resumable by its id: complete stages are not redone, an adapter already
+written is not retrained, and a half-finished fine-tuning resumes from its last
+checkpoint. Each stage also records what would serve it (``serving`` in the manifest), so
+the service reads a run without knowing its method.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import yaml
+
+from mllmcl import storage
+from mllmcl.config import Config, absolute_paths
+from mllmcl.data.checksums import release_changes, release_manifest
+from mllmcl.data.source import load_configured_stream
+from mllmcl.errors import ConfigError
+from mllmcl.evaluation.metrics import AccuracyMatrix
+from mllmcl.evaluation.predictions import score_predictions, write_predictions
+from mllmcl.methods import get_method
+from mllmcl.methods.base import NotServable, Stage
+from mllmcl.models.adapters import adapter_exists
+from mllmcl.models.loading import resolve_checkpoint
+from mllmcl.provenance import config_hash, provenance
+from mllmcl.runner.cache import CachedPredictor, PredictionCache
+from mllmcl.runner.outputs import run_metrics, write_outputs
+from mllmcl.runner.resume import check_resume, identity
+from mllmcl.storage.layout import RunLayout, relative_adapter
+from mllmcl.storage.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamResult:
+    run_id: str
+    run_dir: str
+    matrix: AccuracyMatrix
+    metrics: dict
+    trained_stages: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def prepare(cfg: Config):
+    """Validate data, model path, storage and method before Ray starts anything."""
+    problems = []
+    stream = load_configured_stream(cfg.data, progress=cfg.run.progress)
+    model_path = str(resolve_checkpoint(cfg.model.path))  # builds the tiny base once, or checks the path
+    method = get_method(cfg.method.name)(cfg, stream)
+    if cfg.storage.root.startswith("s3://"):
+        bucket = cfg.storage.root[5:].split("/", 1)[0]
+        if not storage.exists(f"s3://{bucket}"):
+            problems.append(f"storage.root={cfg.storage.root!r}: bucket {bucket!r} not found or not reachable")
+    if problems:
+        raise ConfigError(problems)
+    return stream, model_path, method
+
+
+def serving_record(method, stage: Stage) -> dict:
+    """What serves the stage, as the manifest keeps it (``refused``: why it cannot be served)."""
+    try:
+        return method.serving(stage).to_record(stage.layout.run_dir)
+    except NotServable as e:
+        return {"refused": str(e)}
+
+
+def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
+               on_stage: Callable[[int, AccuracyMatrix, dict], None] | None = None) -> StreamResult:
+    """Run (or resume) the stream; ``stop_after=k`` returns after stage k completes (tests).
+
+    ``on_stage(k, matrix, info)`` is called after every stage, completed now or earlier
+    (a resumed run replays the stages it loads), with the matrix up to row k and the
+    method's stage info (router accuracy, ...): a sweep reports from it.
+    """
+
+    import ray
+
+    from mllmcl.cluster import forwarded_env, init_ray
+    from mllmcl.runner.evaluator import EvalWorker
+    from mllmcl.training.trainer import run_training
+
+    t_start = time.time()
+    cfg = absolute_paths(cfg)  # a no-op for configs read by load_config; workers never see a relative path
+    stream, model_path, method = prepare(cfg)
+    layout = RunLayout(cfg.storage.root, run_id)
+    manifest = Manifest.load(layout)
+    if manifest is not None:
+        check_resume(manifest, cfg, layout)
+        log.info("resuming run %s: %d of %d stages complete", run_id, len(manifest.stages), len(stream))
+    else:
+        manifest = Manifest(run_id=run_id, method=cfg.method.name, stream=stream.name, tasks=stream.task_names,
+                            config_hash=config_hash(identity(cfg)))
+    release = release_manifest(stream, cfg.data.checksum_images)
+    release_uri = layout.path("data_release.json")
+    if manifest.stages and storage.exists(release_uri):
+        changes = release_changes(storage.read_json(release_uri), release)
+        if changes:
+            raise ConfigError([f"run {run_id!r}: the data release changed since the run started; use a new run.id "
+                               f"(or restore the data)"] + changes)
+    sc = cfg.scaling
+    prov = provenance(cfg.to_dict(), seed=cfg.run.seed, workers=sc.num_workers,
+                      effective_batch=cfg.train.batch_size, per_worker_batch=cfg.train.batch_size / sc.num_workers /
+                      cfg.train.grad_accum, grad_accum=cfg.train.grad_accum, data_root=stream.root,
+                      model_path=model_path)
+    prov["data_release"] = {"digest": release["digest"], "manifest": "data_release.json",
+                            "images": "content" if cfg.data.checksum_images else "listing"}
+    storage.write_json(release_uri, release)
+    storage.write_text(layout.config, yaml.safe_dump({"config": cfg.to_dict(), "provenance": prov}, sort_keys=False))
+
+    formats = [method.adapter_format] if method.adapter_format is not None else []
+    if sc.backend == "local":  # in this process: its thread count is left alone
+        worker = EvalWorker(model_path, cfg.model.dtype, formats=formats)
+    else:
+        init_ray()
+        worker = ray.remote(EvalWorker).options(num_cpus=sc.eval_cpus, num_gpus=sc.eval_gpus,
+                                                runtime_env={"env_vars": forwarded_env()}).remote(
+            model_path, cfg.model.dtype, sc.threads_per_worker or 0, formats)
+        ray.get(worker.ready.remote())
+    cache = PredictionCache(layout, enabled=cfg.eval.cache_predictions)
+    predictor = CachedPredictor(worker, cache, cfg.eval.batch_size)
+
+    matrix = AccuracyMatrix(tasks=stream.task_names)
+    oracle_rows: list[dict] = []
+    stage_info: list[dict] = []
+    trained: list[int] = []
+    for k, task in enumerate(stream):
+        stage = Stage(k, stream, layout, cfg)
+        done = manifest.stage(k)
+        if done is not None:
+            if "serving" not in done:  # a run made before stages recorded it
+                done["serving"] = serving_record(method, stage)
+                manifest.save(layout)
+            matrix.add_row(done["scores"])
+            oracle_rows.append(done.get("oracle") or {})
+            stage_info.append(done.get("info") or {})
+            method.load_state_dict(done.get("method_state") or {})
+            if on_stage is not None:
+                on_stage(k, matrix, stage_info[-1])
+            continue
+        t0 = time.time()
+        log.info("stage %d/%d: %s (%s)", k + 1, len(stream), task.name, cfg.method.name)
+        train_log = []
+        for req in method.plan(stage):
+            if adapter_exists(req.output_uri):
+                log.info("  %s adapter for %s already in storage; not retrained", req.kind, task.name)
+                train_log.append({"kind": req.kind, "reused": True})
+                continue
+            ckpts = layout.path("tasks", f"{k}_{task.name}", f"checkpoints_{req.kind}")
+            out = run_training(req, model_path, ckpts, scaling=sc, dtype=cfg.model.dtype,
+                               mixed_precision=cfg.train.mixed_precision)
+            train_log.append({"kind": req.kind, "steps": out.steps, "loss": out.final_loss,
+                              "seconds": round(out.seconds, 1), "samples": len(req.samples)})
+            stage.trained[req.output_uri] = train_log[-1]
+            trained.append(k)
+        method.finish(stage, predictor)
+        t_eval = time.time()
+        answers = method.answer(stage, predictor)
+        scores, oracle = {}, {}
+        for j, seen in enumerate(stage.seen):
+            experts = [relative_adapter(a, layout.run_dir) for a in answers.experts[seen.name]]
+            ev = score_predictions(seen.spec, seen.test, answers.predictions[seen.name], stage=k, experts=experts)
+            write_predictions(ev.rows, layout.predictions(k, seen.name))
+            scores[seen.name] = ev.accuracy
+            if answers.oracle is not None:
+                oracle[seen.name] = score_predictions(seen.spec, seen.test, answers.oracle[seen.name]).accuracy
+        cache.flush()
+        matrix.add_row(scores)
+        oracle_rows.append(oracle)
+        stage_info.append(answers.info)
+        manifest.complete_stage({"k": k, "task": task.name, "scores": scores, "oracle": oracle, "info": answers.info,
+                                 "train": train_log, "method_state": method.state_dict(),
+                                 "serving": serving_record(method, stage),
+                                 "seconds": round(time.time() - t0, 1), "eval_seconds": round(time.time() - t_eval, 1)})
+        manifest.save(layout)  # last: the stage is complete once this is written
+        log.info("stage %d %s done in %.0fs: %s", k + 1, task.name, time.time() - t0,
+                 ", ".join(f"{n} {v:.1f}" for n, v in scores.items()))
+        if on_stage is not None:
+            on_stage(k, matrix, answers.info)
+        if stop_after is not None and k >= stop_after:
+            return StreamResult(run_id, layout.run_dir, matrix, {}, trained, time.time() - t_start)
+
+    metrics = run_metrics(cfg, stream.task_names, matrix, oracle_rows, stage_info, predictor)
+    write_outputs(layout, cfg, stream.name, run_id, matrix, metrics, prov)
+    manifest.status = "complete"
+    manifest.save(layout)
+    return StreamResult(run_id, layout.run_dir, matrix, metrics, trained, time.time() - t_start)
