@@ -143,7 +143,7 @@ def test_method_options_of_the_newer_baselines_are_checked(caplog):
     assert ("lora_ft ignores method.replay_per_task (an option of replay), method.router_epochs (an option of "
             "mr_lora)") in caplog.text
     with pytest.raises(ConfigError, match="moe_top_k=5"):
-        load_config(None, ["method.moe_gate=topk", "method.moe_top_k=5"])
+        load_config(None, ["method.name=moelora", "method.moe_gate=topk", "method.moe_top_k=5"])
     with pytest.raises(ConfigError, match="scaling.backend='spark'"):
         load_config(None, ["scaling.backend=spark"])
 

@@ -24,13 +24,12 @@ view of its evaluation worker. Routers register by kind (``@register_router("mll
 from __future__ import annotations
 
 import hashlib
-import importlib
-import pkgutil
 import time
 from dataclasses import asdict, dataclass
 from typing import Protocol, Sequence
 
 from mllmcl import storage
+from mllmcl.registry import Registry
 
 FALLBACK_RULES = ("random", "last", "first")
 
@@ -123,46 +122,27 @@ class Router:
         return self.seconds / self.questions if self.questions else None
 
 
-_ROUTERS: dict[str, type[Router]] = {}
+_ROUTERS = Registry("router", __name__.rsplit(".", 1)[0])
 
 
 def register_router(kind: str):
+    """Class decorator: make a router available by ``kind`` (its records name it)."""
+
     def deco(cls):
-        if kind in _ROUTERS and _ROUTERS[kind] is not cls:
-            raise ValueError(f"router {kind!r} is registered twice")
         cls.kind = kind
-        _ROUTERS[kind] = cls
-        return cls
+        return _ROUTERS.register(kind)(cls)
 
     return deco
 
 
 def registered_routers() -> list[str]:
-    _load_builtin()
-    return sorted(_ROUTERS)
+    return _ROUTERS.names()
 
 
 def get_router(kind: str) -> type[Router]:
-    _load_builtin()
-    if kind not in _ROUTERS:
-        raise KeyError(f"unknown router {kind!r}: expected one of {sorted(_ROUTERS)}")
-    return _ROUTERS[kind]
+    return _ROUTERS.get(kind)
 
 
 def load_router(record: dict, run_dir: str) -> Router:
     """The router a record describes (a stage's ``router.json``), its paths under ``run_dir``."""
     return get_router(record["kind"])(record, run_dir)
-
-
-def _load_builtin() -> None:
-    """Import every module of the routing package once: a router registers itself by being there."""
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        package = __name__.rsplit(".", 1)[0]
-        for mod in pkgutil.iter_modules(importlib.import_module(package).__path__):
-            if not mod.name.startswith("_") and mod.name != "base":
-                importlib.import_module(f"{package}.{mod.name}")
-
-
-_LOADED = False
