@@ -42,7 +42,7 @@ def plain_loop(cfg) -> float:
     for k, task in enumerate(stream):
         fit(model, bb.collator, pixels, task.train, cfg.train.settings(cfg.run.seed + k))
         for seen in stream.tasks[: k + 1]:
-            evaluate_task(Engine.from_model(model, bb.collator), seen.spec, seen.test, batch_size=cfg.eval.batch_size,
+            evaluate_task(Engine.from_model(model, bb.collator, pixels), seen.spec, seen.test, batch_size=cfg.eval.batch_size,
                           max_new_tokens=cfg.eval.max_new_tokens or None)
     return time.time() - t0
 

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     run = start(args.run, cfg)  # the run's path is made absolute as it is loaded (replicas run elsewhere)
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
     print(f"serving run {run.run_id} stage {run.stage} ({run.method}; experts {', '.join(run.experts)}"
-          f"{'; MR-LoRA router' if run.routed else ''}) at {url}/v1/chat/completions", flush=True)
+          f"{'; ' + run.router['kind'] + ' router' if run.routed else ''}) at {url}/v1/chat/completions", flush=True)
     if on_cluster:
         return 0
     try:

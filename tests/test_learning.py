@@ -28,7 +28,7 @@ def test_expert_learns_and_sequential_lora_forgets(default_setup):
     cfg, stream, bb = default_setup
     rs, med = stream.tasks
     pixels = PixelCache(bb.collator.images, load_image)
-    ev = lambda m, task: evaluate_task(Engine.from_model(m, bb.collator), task.spec, task.test,
+    ev = lambda m, task: evaluate_task(Engine.from_model(m, bb.collator, pixels), task.spec, task.test,
                                        max_new_tokens=8).accuracy
 
     zero_shot = ev(bb.model, rs)

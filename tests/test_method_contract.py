@@ -123,8 +123,12 @@ def test_method_contract(method, root, stream_overrides):
             rows = _predictions(run, 1, task)
             routes = ensemble.router.route(ensemble.engine, [eval_prompt(samples[q]) for q, _, _ in rows],
                                            [samples[q].image for q, _, _ in rows])
-            chosen = [f"tasks/{i}_{served.specs[i].name}/expert" for i in (r.index for r in routes)]
-            assert chosen == [e for _, _, e in rows], f"{method}: the service routes {task} otherwise"
+            # where the router's answer names no expert, the stream's seeded draw and the service's
+            # question hash may pick differently (by design): compare the questions it names
+            kept = [(r, e) for r, (_, _, e) in zip(routes, rows) if not r.fallback]
+            assert len(kept) >= len(rows) // 2, f"{method}: the router named no expert for most of {task}"
+            chosen = [f"tasks/{r.index}_{served.specs[r.index].name}/expert" for r, _ in kept]
+            assert chosen == [e for _, e in kept], f"{method}: the service routes {task} otherwise"
 
 
 class LeakyLoraFT(LoraFT):
@@ -142,8 +146,8 @@ class LeakyLoraFT(LoraFT):
 def test_look_ahead_check_catches_a_leaky_method(root, stream_overrides, monkeypatch):
     from mllmcl import methods
 
-    methods._load_builtin()
-    monkeypatch.setitem(methods._REGISTRY, "leaky", LeakyLoraFT)
+    methods.registered_methods()  # the built-in methods first, then the leaky one beside them
+    monkeypatch.setitem(methods._METHODS._classes, "leaky", LeakyLoraFT)
     a = run_stream(_cfg(root, stream_overrides, "leaky", ["RS", "Med"]), "leaky-a", stop_after=0)
     b = run_stream(_cfg(root, stream_overrides, "leaky", ["RS", "AD"]), "leaky-b", stop_after=0)
     assert _stage0_fingerprint(Path(a.run_dir)) != _stage0_fingerprint(Path(b.run_dir))

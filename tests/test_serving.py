@@ -178,6 +178,37 @@ def test_served_run_plan_and_refusals(run, tmp_path):
         load_served_run(str(fake))
 
 
+def test_a_run_made_before_serving_records_serves_after_a_resubmit(run, tmp_path, stream_overrides):
+    """A run of the earlier layout (no serving record per stage, no router.json) is refused with the
+    command that upgrades it; that command (the same job, same run id) trains nothing, starts no
+    model, leaves the run's outputs as they were and records what serves each stage."""
+    import shutil
+
+    from mllmcl import run_stream
+
+    old = tmp_path / "runs" / "served"
+    shutil.copytree(run, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for st in manifest["stages"]:
+        del st["serving"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    for record in old.glob("tasks/*/router.json"):
+        record.unlink()
+    with pytest.raises(ConfigError, match="with the same run.id"):
+        load_served_run(str(old))
+    metrics = (old / "metrics" / "metrics.json").read_bytes()
+    cfg = load_config(None, [*stream_overrides, "scaling.backend=local", "train.lr=0.01", "train.max_steps=30",
+                             "method.router_epochs=10", "method.router_fallback=last", f"storage.root={tmp_path}",
+                             "method.name=mr_lora", f"data.tasks=[{','.join(TASKS)}]"])
+    res = run_stream(cfg, "served")
+    assert res.trained_stages == [] and (old / "metrics" / "metrics.json").read_bytes() == metrics
+    upgraded, original = load_served_run(str(old)), load_served_run(str(run))
+    assert upgraded.router == original.router and list(upgraded.experts) == list(original.experts)
+    for k, t in list(enumerate(TASKS))[1:]:  # the stages that route (stage 0: one expert, no record needed)
+        assert json.loads((old / f"tasks/{k}_{t}/router.json").read_text()) == \
+            json.loads((run / f"tasks/{k}_{t}/router.json").read_text())
+
+
 def test_mixed_expert_batch_answers_as_each_expert_alone(run, synthetic_small):
     """One generate over rows that use different experts gives each row its own expert's answer:
     checked against plain PEFT (each expert loaded alone, one question at a time) and against

@@ -47,8 +47,8 @@ def calibrate(backbone: Backbone, stream: Stream, train: TrainSettings, lora: Lo
     base = backbone.model
 
     def accuracy(model, task) -> float:
-        return evaluate_task(Engine.from_model(model, collator), task.spec, task.test, batch_size=eval_batch,
-                             max_new_tokens=max_new_tokens).accuracy
+        return evaluate_task(Engine.from_model(model, collator, pixels), task.spec, task.test,
+                             batch_size=eval_batch, max_new_tokens=max_new_tokens).accuracy
 
     rows = []
     for k, task in enumerate(stream.tasks):

@@ -99,14 +99,20 @@ def _method_section(data, problems: list[str]) -> MethodOptions | None:
         problems.append(f"method.name={name!r}: unknown method, expected one of {registered_methods()}")
         return None
     own = {f.name for f in fields(get_method(name).Options)}
-    others = {f.name: m for m in registered_methods() for f in fields(get_method(m).Options)}
-    foreign = sorted(k for k in data if k not in own and k in others)
-    unknown = sorted(k for k in data if k not in own and k not in others)
+    owners: dict[str, str] = {}  # option -> the first other method that has it
+    for m in registered_methods():
+        for f in fields(get_method(m).Options):
+            owners.setdefault(f.name, m)
+    foreign = sorted(k for k in data if k not in own and k in owners)
+    unknown = sorted(k for k in data if k not in own and k not in owners)
     for k in unknown:
         problems.append(f"method.{k}: unknown option of method {name!r} (its options: "
                         f"{', '.join(sorted(own - {'name'})) or 'none'})")
-    if foreign:
-        log.warning("method %s ignores %s", name, ", ".join(f"method.{k} (an option of {others[k]})" for k in foreign))
+    if foreign:  # still checked by their own method (a bad value is a mistake wherever it is given)
+        for owner in sorted({owners[k] for k in foreign}):
+            given = {k: data[k] for k in foreign if owners[k] == owner}
+            problems += _build(get_method(owner).Options, given | {"name": owner}, "method", problems).check()
+        log.warning("method %s ignores %s", name, ", ".join(f"method.{k} (an option of {owners[k]})" for k in foreign))
     return _build(get_method(name).Options, {k: v for k, v in data.items() if k in own} | {"name": name},
                   "method", problems)
 

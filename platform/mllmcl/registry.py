@@ -15,7 +15,7 @@ class Registry:
         self._loaded = False
 
     def register(self, name: str):
-        """Class decorator: the class becomes available under ``name`` (set as its ``name``)."""
+        """Class decorator: the class becomes available under ``name``."""
 
         def deco(cls):
             if name in self._classes and self._classes[name] is not cls:

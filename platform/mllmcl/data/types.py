@@ -91,16 +91,3 @@ class Stream:
             if t.name == name:
                 return t
         raise KeyError(f"task {name!r} is not in stream {self.name!r} (tasks: {self.task_names})")
-
-
-def sample_to_dict(s: Sample) -> dict:
-    """A sample as plain values (what travels to Ray workers and actors)."""
-    return {"uid": s.uid, "task": s.task, "split": s.split, "image": s.image, "image_rel": s.image_rel,
-            "question": s.question, "answer": list(s.answer) if isinstance(s.answer, tuple) else s.answer,
-            "meta": dict(s.meta)}
-
-
-def sample_from_dict(d: dict) -> Sample:
-    ans = d["answer"]
-    return Sample(uid=d["uid"], task=d["task"], split=d["split"], image=d["image"], image_rel=d["image_rel"],
-                  question=d["question"], answer=tuple(ans) if isinstance(ans, list) else ans, meta=d["meta"])

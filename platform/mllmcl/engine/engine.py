@@ -53,9 +53,15 @@ class Engine:
 
         if threads:
             torch.set_num_threads(threads)
-        self.backbone = backbone if backbone is not None else load_backbone(model_path, dtype)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = self.backbone.model.to(self.device)
+        if backbone is None:  # the engine's own copy of the base, on the accelerator when there is one
+            self.backbone = load_backbone(model_path, dtype)
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self.model = self.backbone.model.to(self.device)
+        else:  # a model the caller keeps using (and training): answered where it is
+            self.backbone = backbone
+            self.model = backbone.model
+            self.device = next(self.model.parameters()).device
+        self.model.eval()
         self.collator = self.backbone.collator
         self.tok = self.collator.tok
         self.pixel_cache = PixelCache(self.collator.images, load_image)
@@ -68,10 +74,14 @@ class Engine:
         self._counter = 0
 
     @classmethod
-    def from_model(cls, model, collator) -> "Engine":
+    def from_model(cls, model, collator, pixel_cache=None) -> "Engine":
         """An engine over a model already in memory (the base, or a model trained in this process,
-        answered as it is: no adapters are loaded into it)."""
-        return cls(backbone=SimpleNamespace(model=model, collator=collator))
+        answered as it is, on its own device: no adapters are loaded into it). ``pixel_cache``
+        shares preprocessed images with the caller's training loop."""
+        engine = cls(backbone=SimpleNamespace(model=model, collator=collator))
+        if pixel_cache is not None:
+            engine.pixel_cache = pixel_cache
+        return engine
 
     def ready(self) -> bool:
         return True

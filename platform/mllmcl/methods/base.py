@@ -22,9 +22,24 @@ from typing import Any, Protocol, Sequence
 
 from mllmcl.data.prompts import eval_prompt
 from mllmcl.data.types import Sample, Stream, Task
-from mllmcl.settings import LoraSettings, TrainSettings
+from mllmcl.settings import (DataConfig, EvalConfig, LoraConfig, LoraSettings, ModelConfig, RunSection, TrainConfig,
+                             TrainSettings)
 from mllmcl.storage.layout import RunLayout, relative_adapter
+from mllmcl.storage.manifest import ServingRecord
 from mllmcl.training.request import TrainRequest
+
+
+class RunConfig(Protocol):
+    """What a method reads of the run's config (:class:`mllmcl.config.Config` is one): the
+    settings sections and its own options."""
+
+    data: DataConfig
+    model: ModelConfig
+    lora: LoraConfig
+    train: TrainConfig
+    eval: EvalConfig
+    run: RunSection
+    method: MethodOptions
 
 
 @dataclass(frozen=True)
@@ -38,7 +53,7 @@ class MethodOptions:
     def check(self) -> list[str]:
         return []
 
-    def check_with(self, cfg) -> list[str]:
+    def check_with(self, cfg: RunConfig) -> list[str]:
         return []
 
 
@@ -47,7 +62,7 @@ class Stage:
     k: int
     stream: Stream
     layout: RunLayout
-    cfg: Any  # the run's mllmcl.config.Config
+    cfg: RunConfig
     trained: dict[str, dict] = field(default_factory=dict)  # output URI -> its fit's log (steps, seconds...)
     router_fit_seconds: float | None = None  # set by fit_router: the router's fine-tunes + fit, this stage
 
@@ -91,10 +106,10 @@ class ServingPlan:
     experts: dict[str, str | None]
     router: dict | None = None
 
-    def to_record(self, run_dir: str) -> dict:
+    def to_record(self, run_dir: str) -> ServingRecord:
         """As the manifest keeps it: adapters relative to the run's folder (the run may move)."""
-        return {"experts": {n: None if u is None else relative_adapter(u, run_dir) for n, u in self.experts.items()},
-                "router": self.router}
+        return ServingRecord({n: None if u is None else relative_adapter(u, run_dir) for n, u in self.experts.items()},
+                             self.router)
 
 
 class NotServable(ValueError):
@@ -123,7 +138,7 @@ class CLMethod:
     routed = False  # one expert per task + a router: reports router_accuracy (a sweep may optimise it)
     adapter_format = None  # the engine's format for this method's adapters (None: PEFT)
 
-    def __init__(self, cfg, stream: Stream):
+    def __init__(self, cfg: RunConfig, stream: Stream):
         self.cfg = cfg
         self.options = cfg.method
 
@@ -169,13 +184,20 @@ def answer_with(stage: Stage, predictor: Predictor, adapter: str | None) -> Answ
     return Answers(preds, experts)
 
 
-def expert_plan(stage: Stage) -> ServingPlan:
+def expert_plan(stage: Stage, router, settings) -> ServingPlan:
     """A routed method's serving plan: one expert per seen task, named by the task, and the
-    router record the stage stored (none at stage 0: one expert, nothing to route)."""
+    router record the stage stored (none at stage 0: one expert, nothing to route). A stage of
+    a run made before routers stored records gets its record now, from what the stage stored
+    (``router.fit`` without a model: the router LoRA and prototypes are already there)."""
     from mllmcl import storage
 
     experts = {t.name: stage.expert_uri(i) for i, t in enumerate(stage.seen)}
-    return ServingPlan(experts, router=storage.read_json(stage.router_record_uri()) if stage.k > 0 else None)
+    if stage.k == 0:
+        return ServingPlan(experts)
+    uri = stage.router_record_uri()
+    if not storage.exists(uri):
+        storage.write_json(uri, router.fit(stage, settings, None))
+    return ServingPlan(experts, router=storage.read_json(uri))
 
 
 def fit_router(stage: Stage, router, settings, predictor) -> None:

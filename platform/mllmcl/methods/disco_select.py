@@ -54,4 +54,4 @@ class DiscoSelect(CLMethod):
         return answers
 
     def serving(self, stage: Stage) -> ServingPlan:
-        return expert_plan(stage)  # the service routes with the same text-prototype router
+        return expert_plan(stage, TextPrototypeRouter, self.router_settings())  # the service routes the same

@@ -79,4 +79,4 @@ class MRLoRA(CLMethod):
         return answers
 
     def serving(self, stage: Stage) -> ServingPlan:
-        return expert_plan(stage)
+        return expert_plan(stage, MLLMRouter, self.router_settings())

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 from typing import Protocol, Sequence
 
 from mllmcl import storage
+from mllmcl.data.types import Stream, Task
+from mllmcl.storage.layout import RunLayout
 from mllmcl.registry import Registry
 
 FALLBACK_RULES = ("random", "last", "first")
@@ -42,6 +44,23 @@ class Route:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class RouterStage(Protocol):
+    """What a router reads of the stage it is fitted at (:class:`mllmcl.methods.base.Stage` is one):
+    the stage index, the stream, the seen tasks (train splits only), the run's layout."""
+
+    k: int
+    stream: Stream
+    layout: RunLayout
+
+    @property
+    def task(self) -> Task: ...
+
+    @property
+    def seen(self) -> Sequence[Task]: ...
+
+    def router_uri(self, k: int | None = None) -> str: ...
 
 
 class RouterBackend(Protocol):
@@ -85,12 +104,12 @@ class Router:
     # ------------------------------------------------------------------ fitting (the stream's side)
 
     @classmethod
-    def training(cls, stage, settings) -> list:
+    def training(cls, stage: RouterStage, settings) -> list:
         """The fine-tunes (``TrainRequest``) this router needs at ``stage``; none by default."""
         return []
 
     @classmethod
-    def fit(cls, stage, settings, backend) -> dict:
+    def fit(cls, stage: RouterStage, settings, backend: RouterBackend | None) -> dict:
         """Training-free fitting after the stage's fine-tunes; returns the router's record."""
         raise NotImplementedError
 
@@ -98,6 +117,10 @@ class Router:
 
     def path(self, relative: str) -> str:
         return storage.join(self.run_dir, relative)
+
+    def files(self) -> list[str]:
+        """The stored files routing reads (a service checks them before it deploys)."""
+        return []
 
     def prepare(self, backend) -> None:
         """Load what routing needs into a long-lived backend (a replica's engine)."""

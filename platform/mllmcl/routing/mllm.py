@@ -14,10 +14,11 @@ from typing import Sequence
 
 import numpy as np
 
+from mllmcl import storage
 from mllmcl.data.prompts import LETTERS, parse_letter, router_prompt
 from mllmcl.data.streams import get_stream_spec
 from mllmcl.data.types import Sample
-from mllmcl.routing.base import Route, Router, fallback_index, register_router
+from mllmcl.routing.base import Route, Router, RouterStage, fallback_index, register_router
 from mllmcl.settings import LANGUAGE_MODEL_LINEARS, LoraSettings, TrainSettings
 from mllmcl.storage.layout import relative_adapter
 from mllmcl.training.request import TrainRequest
@@ -63,7 +64,7 @@ def router_training_samples(tasks: Sequence, per_task: int, seed: int) -> list[S
 @register_router("mllm")
 class MLLMRouter(Router):
     @classmethod
-    def training(cls, stage, settings: MLLMRouterSettings) -> list[TrainRequest]:
+    def training(cls, stage: RouterStage, settings: MLLMRouterSettings) -> list[TrainRequest]:
         if stage.k == 0:
             return []
         samples = router_training_samples(stage.seen, settings.samples_per_task, settings.seed)
@@ -76,7 +77,7 @@ class MLLMRouter(Router):
                              meta={"experts": [t.name for t in stage.seen]})]
 
     @classmethod
-    def fit(cls, stage, settings: MLLMRouterSettings, backend) -> dict:
+    def fit(cls, stage: RouterStage, settings: MLLMRouterSettings, backend=None) -> dict:
         return {"kind": cls.kind, "stream": stage.stream.name, "experts": [t.name for t in stage.seen],
                 "adapter": relative_adapter(stage.router_uri(), stage.layout.run_dir) if stage.k > 0 else None,
                 "fallback": settings.fallback, "seed": settings.seed, "max_new_tokens": MAX_NEW_TOKENS}
@@ -89,6 +90,9 @@ class MLLMRouter(Router):
         self.fallback = record.get("fallback", "random")
         self.seed = int(record.get("seed", 0))
         self.max_new_tokens = int(record.get("max_new_tokens", MAX_NEW_TOKENS))
+
+    def files(self) -> list[str]:
+        return [storage.join(self.adapter, "meta.json")] if self.adapter is not None else []
 
     def prepare(self, backend) -> None:
         if self.adapter is not None and hasattr(backend, "load"):

@@ -15,7 +15,7 @@ import numpy as np
 
 from mllmcl import storage
 from mllmcl.data.prompts import eval_prompt
-from mllmcl.routing.base import Route, Router, register_router
+from mllmcl.routing.base import Route, Router, RouterStage, register_router
 
 
 @dataclass(frozen=True)
@@ -24,16 +24,18 @@ class TextPrototypeSettings:
     seed: int = 0  # the run's seed
 
 
-def prototype_uri(stage, k: int) -> str:
+def prototype_uri(stage: RouterStage, k: int) -> str:
     return storage.join(stage.layout.task_dir(k, stage.stream.tasks[k].name), "prototype.json")
 
 
 @register_router("text_prototype")
 class TextPrototypeRouter(Router):
     @classmethod
-    def fit(cls, stage, settings: TextPrototypeSettings, backend) -> dict:
+    def fit(cls, stage: RouterStage, settings: TextPrototypeSettings, backend) -> dict:
         uri = prototype_uri(stage, stage.k)
         if not storage.exists(uri):
+            if backend is None:
+                raise FileNotFoundError(f"{uri}: no prototype stored, and no model here to compute it")
             train = stage.task.train
             n = min(settings.samples_per_task, len(train))
             rng = np.random.default_rng([settings.seed, 6151, stage.k])
@@ -50,6 +52,9 @@ class TextPrototypeRouter(Router):
     def __init__(self, record: dict, run_dir: str):
         super().__init__(record, run_dir)
         self._prototypes: np.ndarray | None = None
+
+    def files(self) -> list[str]:
+        return [self.path(p) for p in self.record["prototypes"]]
 
     def prototypes(self) -> np.ndarray:
         if self._prototypes is None:

@@ -20,11 +20,18 @@ class EvalWorker:
 
     def generate(self, prompts: Sequence[str], images: Sequence[str], adapters: Sequence[str | None],
                  max_new_tokens: int, batch_size: int = 64) -> list[str]:
-        """Greedy answers; ``adapters[i]`` is the adapter URI for row i (None = the base model)."""
-        names = {u: None if u is None else self.engine.load(u) for u in dict.fromkeys(adapters)}
-        done = self.engine.generate(prompts, images, [names[u] for u in adapters], max_new_tokens,
-                                    batch_size=batch_size, mixed=False)
-        return [c.text for c in done]
+        """Greedy answers; ``adapters[i]`` is the adapter URI for row i (None = the base model). Rows
+        run grouped by adapter, each adapter loaded just before its group (any number of them
+        passes through the engine's cache)."""
+        out: list[str | None] = [None] * len(prompts)
+        for uri in dict.fromkeys(adapters):
+            rows = [i for i, a in enumerate(adapters) if a == uri]
+            name = None if uri is None else self.engine.load(uri)
+            done = self.engine.generate([prompts[i] for i in rows], [images[i] for i in rows], [name] * len(rows),
+                                        max_new_tokens, batch_size=batch_size)
+            for i, c in zip(rows, done):
+                out[i] = c.text
+        return out  # type: ignore[return-value]
 
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> list[list[float]]:
         return self.engine.embed(texts, batch_size)

@@ -33,7 +33,7 @@ from mllmcl.runner.cache import CachedPredictor, PredictionCache
 from mllmcl.runner.outputs import run_metrics, write_outputs
 from mllmcl.runner.resume import check_resume, identity
 from mllmcl.storage.layout import RunLayout, relative_adapter
-from mllmcl.storage.manifest import Manifest
+from mllmcl.storage.manifest import Manifest, ServingRecord
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,9 @@ def prepare(cfg: Config):
 def serving_record(method, stage: Stage) -> dict:
     """What serves the stage, as the manifest keeps it (``refused``: why it cannot be served)."""
     try:
-        return method.serving(stage).to_record(stage.layout.run_dir)
+        return method.serving(stage).to_record(stage.layout.run_dir).to_dict()
     except NotServable as e:
-        return {"refused": str(e)}
+        return ServingRecord(refused=str(e)).to_dict()
 
 
 def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
@@ -111,20 +111,29 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
                       model_path=model_path)
     prov["data_release"] = {"digest": release["digest"], "manifest": "data_release.json",
                             "images": "content" if cfg.data.checksum_images else "listing"}
-    storage.write_json(release_uri, release)
-    storage.write_text(layout.config, yaml.safe_dump({"config": cfg.to_dict(), "provenance": prov}, sort_keys=False))
+    finished = manifest.status == "complete" and storage.exists(layout.metrics)  # resubmitted: nothing to do
+    if not finished:
+        storage.write_json(release_uri, release)
+        storage.write_text(layout.config, yaml.safe_dump({"config": cfg.to_dict(), "provenance": prov},
+                                                         sort_keys=False))
+    predictor: CachedPredictor | None = None
 
-    formats = [method.adapter_format] if method.adapter_format is not None else []
-    if sc.backend == "local":  # in this process: its thread count is left alone
-        worker = EvalWorker(model_path, cfg.model.dtype, formats=formats)
-    else:
-        init_ray()
-        worker = ray.remote(EvalWorker).options(num_cpus=sc.eval_cpus, num_gpus=sc.eval_gpus,
-                                                runtime_env={"env_vars": forwarded_env()}).remote(
-            model_path, cfg.model.dtype, sc.threads_per_worker or 0, formats)
-        ray.get(worker.ready.remote())
-    cache = PredictionCache(layout, enabled=cfg.eval.cache_predictions)
-    predictor = CachedPredictor(worker, cache, cfg.eval.batch_size)
+    def evaluation() -> CachedPredictor:
+        """The evaluation worker, started when the first stage needs it (a finished run needs none)."""
+        nonlocal predictor
+        if predictor is None:
+            formats = [method.adapter_format] if method.adapter_format is not None else []
+            if sc.backend == "local":  # in this process: its thread count is left alone
+                worker = EvalWorker(model_path, cfg.model.dtype, formats=formats)
+            else:
+                init_ray()
+                worker = ray.remote(EvalWorker).options(num_cpus=sc.eval_cpus, num_gpus=sc.eval_gpus,
+                                                        runtime_env={"env_vars": forwarded_env()}).remote(
+                    model_path, cfg.model.dtype, sc.threads_per_worker or 0, formats)
+                ray.get(worker.ready.remote())
+            predictor = CachedPredictor(worker, PredictionCache(layout, enabled=cfg.eval.cache_predictions),
+                                        cfg.eval.batch_size)
+        return predictor
 
     matrix = AccuracyMatrix(tasks=stream.task_names)
     oracle_rows: list[dict] = []
@@ -159,6 +168,7 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
                               "seconds": round(out.seconds, 1), "samples": len(req.samples)})
             stage.trained[req.output_uri] = train_log[-1]
             trained.append(k)
+        predictor = evaluation()
         method.finish(stage, predictor)
         t_eval = time.time()
         answers = method.answer(stage, predictor)
@@ -170,7 +180,7 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
             scores[seen.name] = ev.accuracy
             if answers.oracle is not None:
                 oracle[seen.name] = score_predictions(seen.spec, seen.test, answers.oracle[seen.name]).accuracy
-        cache.flush()
+        predictor.cache.flush()
         matrix.add_row(scores)
         oracle_rows.append(oracle)
         stage_info.append(answers.info)
@@ -186,7 +196,12 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
         if stop_after is not None and k >= stop_after:
             return StreamResult(run_id, layout.run_dir, matrix, {}, trained, time.time() - t_start)
 
-    metrics = run_metrics(cfg, stream.task_names, matrix, oracle_rows, stage_info, predictor)
+    if finished and predictor is None:  # every stage was done before: its outputs stand as written
+        return StreamResult(run_id, layout.run_dir, matrix, storage.read_json(layout.metrics), trained,
+                            time.time() - t_start)
+    metrics = run_metrics(cfg, stream.task_names, matrix, oracle_rows, stage_info,
+                          generated=predictor.generated if predictor else 0,
+                          cache_hits=predictor.cache.hits if predictor else 0)
     write_outputs(layout, cfg, stream.name, run_id, matrix, metrics, prov)
     manifest.status = "complete"
     manifest.save(layout)

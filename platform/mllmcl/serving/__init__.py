@@ -1,4 +1,4 @@
-"""Serving a run: the MR-LoRA router + expert ensemble as a Ray Serve endpoint
+"""Serving a run: its router + expert ensemble as a Ray Serve endpoint
 (:mod:`mllmcl.serving.app`), and batch evaluation of new data through the same router and
 experts with Ray Data (:mod:`mllmcl.serving.evaluate`)."""
 

@@ -27,7 +27,7 @@ from mllmcl.storage.layout import relative_adapter
 
 log = logging.getLogger("mllmcl.serving")
 
-api = FastAPI(title="mllmcl", description="MR-LoRA router + expert ensemble of a continual-learning run")
+api = FastAPI(title="mllmcl", description="the router + expert ensemble of a continual-learning run")
 
 
 class _RouterDeployment:

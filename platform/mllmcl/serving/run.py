@@ -16,7 +16,8 @@ from mllmcl.data.types import TaskSpec
 from mllmcl.errors import ConfigError
 from mllmcl.paths import absolute
 from mllmcl.storage.layout import RunLayout
-from mllmcl.storage.manifest import Manifest
+from mllmcl.routing import load_router
+from mllmcl.storage.manifest import Manifest, ServingRecord
 
 
 @dataclass(frozen=True)
@@ -80,18 +81,20 @@ def load_served_run(run_uri: str, stage: int = -1, *, model_path: str = "", dtyp
     if base_only:
         experts, router = {"base": None}, None
     else:
-        record = complete[k].get("serving")
-        if record is None:
+        if complete[k].get("serving") is None:
             raise ConfigError([f"run {layout.run_id!r} was made before stages recorded what serves them: run its "
                                f"job again with the same run.id to record it (nothing is retrained)"])
-        if "refused" in record:
-            raise ConfigError([f"run {layout.run_id!r} ({manifest.method}): {record['refused']}"])
-        experts = {n: None if rel is None else layout.path(rel) for n, rel in record["experts"].items()}
-        router = record.get("router")
-    adapters = [*experts.values(), layout.path(router["adapter"]) if router and router.get("adapter") else None]
-    missing = [u for u in adapters if u is not None and not storage.exists(storage.join(u, "meta.json"))]
+        record = ServingRecord.from_dict(complete[k]["serving"])
+        if record.refused is not None:
+            raise ConfigError([f"run {layout.run_id!r} ({manifest.method}): {record.refused}"])
+        experts = {n: None if rel is None else layout.path(rel) for n, rel in record.experts.items()}
+        router = record.router
+    needed = [storage.join(u, "meta.json") for u in experts.values() if u is not None]
+    if router is not None:
+        needed += load_router(router, layout.run_dir).files()
+    missing = [u for u in needed if not storage.exists(u)]
     if missing:
-        raise ConfigError([f"{u}: adapter missing or incomplete" for u in missing])
+        raise ConfigError([f"{u}: missing (an adapter or router file of the stage)" for u in missing])
     budget = int((cfg.get("eval") or {}).get("max_new_tokens") or 0)
     by_name = {t.name: t for t in seen}
     max_new = {name: budget or (by_name[name].max_new_tokens if name in by_name else max(t.max_new_tokens for t in seen))

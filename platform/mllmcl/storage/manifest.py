@@ -14,6 +14,29 @@ from mllmcl import storage
 from mllmcl.storage.layout import RunLayout
 
 
+@dataclass(frozen=True)
+class ServingRecord:
+    """What serves a complete stage, as its manifest entry keeps it (``serving``): the experts by
+    name (adapter folders relative to the run's folder, None = the base model) in the router's
+    expert order, the router's record (None: one expert, nothing to route), or why the stage
+    cannot be served. The stream runner writes it; the service reads it."""
+
+    experts: dict[str, str | None] = field(default_factory=dict)
+    router: dict | None = None
+    refused: str | None = None
+
+    def to_dict(self) -> dict:
+        if self.refused is not None:
+            return {"refused": self.refused}
+        return {"experts": dict(self.experts), "router": self.router}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ServingRecord":
+        if "refused" in d:
+            return cls(refused=str(d["refused"]))
+        return cls(experts=dict(d["experts"]), router=d.get("router"))
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
