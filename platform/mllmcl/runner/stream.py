@@ -116,6 +116,8 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
         storage.write_json(release_uri, release)
         storage.write_text(layout.config, yaml.safe_dump({"config": cfg.to_dict(), "provenance": prov},
                                                          sort_keys=False))
+    if sc.backend == "ray" and not finished:
+        init_ray()  # this job's Ray (dashboard on 127.0.0.1, no preemption watcher), before Ray Train starts one
     predictor: CachedPredictor | None = None
 
     def evaluation() -> CachedPredictor:
@@ -126,7 +128,6 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
             if sc.backend == "local":  # in this process: its thread count is left alone
                 worker = EvalWorker(model_path, cfg.model.dtype, formats=formats)
             else:
-                init_ray()
                 worker = ray.remote(EvalWorker).options(num_cpus=sc.eval_cpus, num_gpus=sc.eval_gpus,
                                                         runtime_env={"env_vars": forwarded_env()}).remote(
                     model_path, cfg.model.dtype, sc.threads_per_worker or 0, formats)
