@@ -2,7 +2,7 @@
 # Every registered method's tiny preset on both synthetic streams at a reduced budget, in this
 # process (scaling.backend=local), and one JSON of their accuracy matrices and metrics: the
 # before/after check of a restructuring (same seed, same threads -> the same matrices).
-#   bench/method_matrices.sh /tmp/matrices            # ~10 min on 2 cores
+#   bench/method_matrices.sh /tmp/matrices            # ~6 min on 2 cores
 #   bench/method_matrices.sh /tmp/matrices "mr_lora lora_ft" "dcl"
 # Writes <out>/matrices.json ({"<stream>/<method>": {"matrix": ..., "metrics": ...}}).
 set -euo pipefail
@@ -11,7 +11,7 @@ methods="${2:-zero_shot lora_ft replay joint olora moelora disco_select mr_lora}
 streams="${3:-dcl acl}"
 here="$(cd "$(dirname "$0")/.." && pwd)"; mkdir -p "$out"; out="$(cd "$out" && pwd)"; cd "$here"
 PY="${PYTHON:-python}"
-BUDGET="scaling.backend=local data.limit=200 train.epochs=4 method.router_epochs=12 method.router_lr=4e-3 run.progress=false"
+BUDGET="scaling.backend=local data.limit=60 train.epochs=2 method.router_epochs=4 run.progress=false"
 for s in $streams; do
   job=jobs/domain_stream.py; [ "$s" = acl ] && job=jobs/ability_stream.py
   for m in $methods; do
