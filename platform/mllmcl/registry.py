@@ -9,17 +9,18 @@ import pkgutil
 
 
 class Registry:
-    def __init__(self, what: str, package: str, skip: tuple[str, ...] = ("base",)):
-        self.what, self.package, self.skip = what, package, skip
+    def __init__(self, what: str, package: str, attribute: str, skip: tuple[str, ...] = ("base",)):
+        self.what, self.package, self.attribute, self.skip = what, package, attribute, skip
         self._classes: dict[str, type] = {}
         self._loaded = False
 
     def register(self, name: str):
-        """Class decorator: the class becomes available under ``name``."""
+        """Class decorator: the class becomes available under ``name`` (set as its ``attribute``)."""
 
         def deco(cls):
             if name in self._classes and self._classes[name] is not cls:
                 raise ValueError(f"{self.what} {name!r} is registered twice")
+            setattr(cls, self.attribute, name)
             self._classes[name] = cls
             return cls
 

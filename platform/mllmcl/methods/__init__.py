@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from mllmcl.registry import Registry
 
-_METHODS = Registry("method", __name__)
-
-
-def register(name: str):
-    """Class decorator: make a method (and its ``Options``) available as ``method.name=<name>``."""
-
-    def deco(cls):
-        cls.name = name
-        return _METHODS.register(name)(cls)
-
-    return deco
+_METHODS = Registry("method", __name__, attribute="name")
+register = _METHODS.register  # class decorator: a method (and its Options) as method.name=<name>
 
 
 def registered_methods() -> list[str]:

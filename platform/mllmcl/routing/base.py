@@ -145,17 +145,8 @@ class Router:
         return self.seconds / self.questions if self.questions else None
 
 
-_ROUTERS = Registry("router", __name__.rsplit(".", 1)[0])
-
-
-def register_router(kind: str):
-    """Class decorator: make a router available by ``kind`` (its records name it)."""
-
-    def deco(cls):
-        cls.kind = kind
-        return _ROUTERS.register(kind)(cls)
-
-    return deco
+_ROUTERS = Registry("router", __name__.rsplit(".", 1)[0], attribute="kind")
+register_router = _ROUTERS.register  # class decorator: a router by kind (its records name it)
 
 
 def registered_routers() -> list[str]:
