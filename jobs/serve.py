@@ -62,8 +62,41 @@ def main(argv=None) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
+        return stop(serve)
     return 0
+
+
+def stop(serve, timeout_s: float = 60.0) -> int:
+    """Ctrl-C: remove the application and stop this job's Ray, within ``timeout_s``. A second
+    Ctrl-C, or a shutdown that does not finish in time, ends the process at once (the local
+    Ray's processes share its fate); what was still running is printed first."""
+    import faulthandler
+    import threading
+
+    import ray
+
+    print("stopping the service (Ctrl-C again to stop at once)", flush=True)
+    done = threading.Event()
+
+    def shutdown():
+        try:
+            serve.shutdown()
+            ray.shutdown()
+        finally:
+            done.set()
+
+    threading.Thread(target=shutdown, name="serve-shutdown", daemon=True).start()
+    try:
+        if done.wait(timeout_s):
+            return 0
+        print(f"warning: the service did not stop within {timeout_s:.0f} s; stopping now. Still running:",
+              file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(sys.stderr, all_threads=True)
+    except KeyboardInterrupt:
+        print("stopped at once", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

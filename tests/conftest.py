@@ -14,6 +14,7 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +46,10 @@ for _name, _path in ISOLATED.items():
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one process less per fit; nothing preempts here
+# Ctrl-C as a terminal delivers it: a suite started in the background of a non-interactive shell
+# inherits SIGINT ignored, and so would every job it starts (the tests that press Ctrl-C would then
+# wait for a job that never hears it). A handled signal is back to its default in an exec'd child.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402  (after the environment: plugins may read it)
 
