@@ -163,12 +163,12 @@ class CLMethod:
 
 def request(stage: Stage, kind: str, samples: Sequence[Sample], output_uri: str, *, init_adapter: str | None = None,
             lora: LoraSettings | None = None, train: TrainSettings | None = None, adapter_kind: type | None = None,
-            adapter_args: dict | None = None, **meta) -> TrainRequest:
+            adapter_args: dict | None = None, depends_on: Sequence[str] = (), **meta) -> TrainRequest:
     cfg = stage.cfg
     return TrainRequest(stage=stage.k, task=stage.task.name, kind=kind, samples=list(samples), output_uri=output_uri,
                         lora=lora or cfg.lora.settings(), train=train or cfg.train.settings(cfg.run.seed + stage.k, stage.k),
                         init_adapter=init_adapter, meta=meta, adapter_kind=adapter_kind,
-                        adapter_args=adapter_args or {})
+                        adapter_args=adapter_args or {}, depends_on=tuple(depends_on))
 
 
 def max_tokens(stage: Stage, task: Task) -> int:

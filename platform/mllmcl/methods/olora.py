@@ -158,7 +158,7 @@ class OLoRA(CLMethod):
         previous = stage.expert_uri(stage.k - 1) if stage.k > 0 else None
         return [request(stage, "lora", stage.task.train, stage.expert_uri(), adapter_kind=OLoraKind,
                         adapter_args={"lambda1": m.olora_lambda1, "lambda2": m.olora_lambda2, "previous": previous},
-                        olora_tasks=stage.k + 1)]
+                        depends_on=[previous] if previous else [], olora_tasks=stage.k + 1)]
 
     def answer(self, stage: Stage, predictor) -> Answers:
         return answer_with(stage, predictor, stage.expert_uri())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from mllmcl import storage
@@ -69,19 +69,37 @@ class PredictionCache:
         self.dirty.clear()
 
 
+def batches(adapters: Sequence[str | None], batch_size: int) -> list[list[int]]:
+    """The batches one evaluation worker forms from rows with these adapters: rows grouped by
+    adapter (in order of first appearance), each group cut into ``batch_size`` rows. Replicas are
+    handed whole batches, so every row is decoded in the batch it would be in on one worker."""
+    groups: dict[str | None, list[int]] = {}
+    for i, a in enumerate(adapters):
+        groups.setdefault(a, []).append(i)
+    step = max(1, batch_size)
+    return [rows[s:s + step] for rows in groups.values() for s in range(0, len(rows), step)]
+
+
 @dataclass
 class CachedPredictor:
-    """The methods' view of the evaluation worker: test answers with per-row adapters (cached),
-    and the routers' backend (``complete``, ``embed``: not cached)."""
+    """The methods' view of the evaluation replicas: test answers with per-row adapters (cached),
+    and the routers' backend (``complete``, ``embed``: not cached). Each generation is shared
+    among the replicas by whole batches (:func:`batches`, round robin); ``shards`` records each
+    replica's part of every call (rows, start and end times)."""
 
-    worker: object  # EvalWorker: a Ray actor handle, or the object itself (scaling.backend=local)
+    worker: object  # EvalWorker, or a list of them: Ray actor handles, or one object (scaling.backend=local)
     cache: PredictionCache
     batch_size: int
     generated: int = 0
     seconds: float = 0.0
+    shards: list[dict] = field(default_factory=list)
+
+    @property
+    def workers(self) -> list:
+        return list(self.worker) if isinstance(self.worker, (list, tuple)) else [self.worker]
 
     def _call(self, name: str, *args):
-        fn = getattr(self.worker, name)
+        fn = getattr(self.workers[0], name)
         if hasattr(fn, "remote"):
             import ray
 
@@ -91,7 +109,30 @@ class CachedPredictor:
     def _generate(self, prompts: list[str], images: list[str], adapters: list[str | None],
                   max_new_tokens: int) -> list[str]:
         t0 = time.time()
-        out = self._call("generate", prompts, images, adapters, max_new_tokens, self.batch_size)
+        workers = self.workers
+        if len(workers) == 1:
+            out = self._call("generate", prompts, images, adapters, max_new_tokens, self.batch_size)
+            self.shards.append({"replica": 0, "rows": len(prompts), "started": round(t0, 3),
+                                "ended": round(time.time(), 3)})
+        else:
+            import ray
+
+            parts: list[list[int]] = [[] for _ in workers]
+            for b, rows in enumerate(batches(adapters, self.batch_size)):
+                parts[b % len(workers)].extend(rows)
+            pick = lambda xs, rows: [xs[i] for i in rows]  # noqa: E731
+            refs = {w.generate.remote(pick(prompts, rows), pick(images, rows), pick(adapters, rows), max_new_tokens,
+                                      self.batch_size): (r, rows) for r, (w, rows) in enumerate(zip(workers, parts))
+                    if rows}
+            out: list[str] = [""] * len(prompts)
+            waiting = list(refs)
+            while waiting:
+                ready, waiting = ray.wait(waiting, num_returns=1)
+                replica, rows = refs[ready[0]]
+                for i, text in zip(rows, ray.get(ready[0])):
+                    out[i] = text
+                self.shards.append({"replica": replica, "rows": len(rows), "started": round(t0, 3),
+                                    "ended": round(time.time(), 3)})
         self.seconds += time.time() - t0
         self.generated += len(prompts)
         return out

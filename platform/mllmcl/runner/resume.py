@@ -13,7 +13,7 @@ from mllmcl.storage.layout import RunLayout
 from mllmcl.storage.manifest import Manifest
 
 # settings that may change when a run is resumed (they do not change its results)
-RESUMABLE_CHANGES = ("run.progress", "scaling.", "eval.batch_size", "storage.root", "data.checksum_images")
+RESUMABLE_CHANGES = ("run.progress", "run.schedule", "scaling.", "train.gradient_checkpointing", "eval.batch_size", "storage.root", "data.checksum_images")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -31,7 +31,9 @@ from mllmcl.models.loading import resolve_checkpoint
 from mllmcl.provenance import config_hash, provenance
 from mllmcl.runner.cache import CachedPredictor, PredictionCache
 from mllmcl.runner.outputs import run_metrics, write_outputs
+from mllmcl.runner.executors import InlineExecutor
 from mllmcl.runner.resume import check_resume, identity
+from mllmcl.runner.schedule import Job, StageWork, build_graph, run_schedule
 from mllmcl.storage.layout import RunLayout, relative_adapter
 from mllmcl.storage.manifest import Manifest, ServingRecord
 
@@ -84,7 +86,7 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
 
     from mllmcl.cluster import forwarded_env, init_ray
     from mllmcl.runner.evaluator import EvalWorker
-    from mllmcl.training.trainer import run_training
+    from mllmcl.training.trainer import TrainOutcome, fit_config, run_training
 
     t_start = time.time()
     cfg = absolute_paths(cfg)  # a no-op for configs read by load_config; workers never see a relative path
@@ -119,20 +121,29 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
     if sc.backend == "ray" and not finished:
         init_ray()  # this job's Ray (dashboard on 127.0.0.1, no preemption watcher), before Ray Train starts one
     predictor: CachedPredictor | None = None
+    replicas: list = []
+
+    def start_replicas() -> None:
+        """Create the evaluation actors (they load the base while the first fits train)."""
+        if sc.backend == "ray" and not replicas:
+            formats = [method.adapter_format] if method.adapter_format is not None else []
+            actor = ray.remote(EvalWorker).options(num_cpus=sc.eval_cpus, num_gpus=sc.eval_gpus,
+                                                   runtime_env={"env_vars": forwarded_env()})
+            replicas.extend(actor.remote(model_path, cfg.model.dtype, sc.threads_per_worker or 0, formats)
+                            for _ in range(sc.eval_replicas))
 
     def evaluation() -> CachedPredictor:
-        """The evaluation worker, started when the first stage needs it (a finished run needs none)."""
+        """The evaluation replicas, started when the first stage needs them (a finished run needs none)."""
         nonlocal predictor
         if predictor is None:
-            formats = [method.adapter_format] if method.adapter_format is not None else []
             if sc.backend == "local":  # in this process: its thread count is left alone
-                worker = EvalWorker(model_path, cfg.model.dtype, formats=formats)
+                formats = [method.adapter_format] if method.adapter_format is not None else []
+                workers = EvalWorker(model_path, cfg.model.dtype, formats=formats)
             else:
-                worker = ray.remote(EvalWorker).options(num_cpus=sc.eval_cpus, num_gpus=sc.eval_gpus,
-                                                        runtime_env={"env_vars": forwarded_env()}).remote(
-                    model_path, cfg.model.dtype, sc.threads_per_worker or 0, formats)
-                ray.get(worker.ready.remote())
-            predictor = CachedPredictor(worker, PredictionCache(layout, enabled=cfg.eval.cache_predictions),
+                start_replicas()
+                ray.get([w.ready.remote() for w in replicas])
+                workers = list(replicas)
+            predictor = CachedPredictor(workers, PredictionCache(layout, enabled=cfg.eval.cache_predictions),
                                         cfg.eval.batch_size)
         return predictor
 
@@ -140,6 +151,10 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
     oracle_rows: list[dict] = []
     stage_info: list[dict] = []
     trained: list[int] = []
+    stages: dict[int, Stage] = {}
+    train_logs: dict[int, list[dict]] = {}
+    states: dict[int, dict] = {}
+    work: list[StageWork] = []
     for k, task in enumerate(stream):
         stage = Stage(k, stream, layout, cfg)
         done = manifest.stage(k)
@@ -154,24 +169,34 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
             if on_stage is not None:
                 on_stage(k, matrix, stage_info[-1])
             continue
-        t0 = time.time()
-        log.info("stage %d/%d: %s (%s)", k + 1, len(stream), task.name, cfg.method.name)
-        train_log = []
-        for req in method.plan(stage):
+        stages[k] = stage
+        train_logs[k], fits = [], []
+        for req in method.plan(stage):  # every stage is planned up front: a plan reads only stages <= k
             if adapter_exists(req.output_uri):
-                log.info("  %s adapter for %s already in storage; not retrained", req.kind, task.name)
-                train_log.append({"kind": req.kind, "reused": True})
-                continue
-            ckpts = layout.path("tasks", f"{k}_{task.name}", f"checkpoints_{req.kind}")
-            out = run_training(req, model_path, ckpts, scaling=sc, dtype=cfg.model.dtype,
-                               mixed_precision=cfg.train.mixed_precision)
-            train_log.append({"kind": req.kind, "steps": out.steps, "loss": out.final_loss,
-                              "seconds": round(out.seconds, 1), "samples": len(req.samples)})
-            stage.trained[req.output_uri] = train_log[-1]
-            trained.append(k)
+                train_logs[k].append({"kind": req.kind, "reused": True})
+            else:
+                fits.append(req)
+        states[k] = method.state_dict()  # the method's state once stage k is planned
+        work.append(StageWork(k, fits))
+
+    def fit(job: Job) -> TrainOutcome:
+        req = job.payload
+        ckpts = layout.path("tasks", f"{req.stage}_{req.task}", f"checkpoints_{req.kind}")
+        if concurrent:  # on the cluster; this thread only waits for it
+            run = fit_config(req, model_path, sc, dtype=cfg.model.dtype, mixed_precision=cfg.train.mixed_precision,
+                             gradient_checkpointing=cfg.train.gradient_checkpointing)
+            ref = remote_fit.remote(run, sc, ckpts)
+            job.cancel = lambda: ray.cancel(ref, force=True)  # its workers go with it; the checkpoints stay
+            return ray.get(ref)
+        return run_training(req, model_path, ckpts, scaling=sc, dtype=cfg.model.dtype,
+                            mixed_precision=cfg.train.mixed_precision,
+                            gradient_checkpointing=cfg.train.gradient_checkpointing)
+
+    def evaluate(k: int) -> dict:
+        stage, task = stages[k], stream.tasks[k]
         predictor = evaluation()
+        t_eval, shards = time.time(), len(predictor.shards)
         method.finish(stage, predictor)
-        t_eval = time.time()
         answers = method.answer(stage, predictor)
         scores, oracle = {}, {}
         for j, seen in enumerate(stage.seen):
@@ -182,23 +207,63 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
             if answers.oracle is not None:
                 oracle[seen.name] = score_predictions(seen.spec, seen.test, answers.oracle[seen.name]).accuracy
         predictor.cache.flush()
-        matrix.add_row(scores)
-        oracle_rows.append(oracle)
-        stage_info.append(answers.info)
+        t_end = time.time()
+        begun = min([t_eval] + [t["started"] for t in train_logs[k] if "started" in t])
         manifest.complete_stage({"k": k, "task": task.name, "scores": scores, "oracle": oracle, "info": answers.info,
-                                 "train": train_log, "method_state": method.state_dict(),
-                                 "serving": serving_record(method, stage),
-                                 "seconds": round(time.time() - t0, 1), "eval_seconds": round(time.time() - t_eval, 1)})
+                                 "train": train_logs[k], "method_state": states[k],
+                                 "serving": serving_record(method, stage), "seconds": round(t_end - begun, 1),
+                                 "eval_seconds": round(t_end - t_eval, 1), "eval_started": round(t_eval, 3),
+                                 "eval_ended": round(t_end, 3), "eval_shards": predictor.shards[shards:]})
         manifest.save(layout)  # last: the stage is complete once this is written
-        log.info("stage %d %s done in %.0fs: %s", k + 1, task.name, time.time() - t0,
+        log.info("stage %d %s done in %.0fs: %s", k + 1, task.name, t_end - begun,
                  ", ".join(f"{n} {v:.1f}" for n, v in scores.items()))
+        return {"scores": scores, "oracle": oracle, "info": answers.info}
+
+    def run_job(job: Job):
+        if job.lane == "fit":
+            req = job.payload
+            log.info("stage %d/%d: %s %s fit (%s)", req.stage + 1, len(stream), req.task, req.kind, cfg.method.name)
+            return fit(job)
+        return evaluate(job.payload)
+
+    def on_done(job: Job, result) -> bool:
+        if job.lane == "fit":
+            req = job.payload
+            entry = {"kind": req.kind, "steps": result.steps, "loss": result.final_loss,
+                     "seconds": round(result.seconds, 1), "samples": len(req.samples),
+                     "loop_seconds": None if result.loop_seconds is None else round(result.loop_seconds, 1),
+                     "started": round(job.started, 3), "ended": round(job.ended, 3)}
+            train_logs[req.stage].append(entry)
+            stages[req.stage].trained[req.output_uri] = entry
+            trained.append(req.stage)
+            return False
+        matrix.add_row(result["scores"])
+        oracle_rows.append(result["oracle"])
+        stage_info.append(result["info"])
         if on_stage is not None:
-            on_stage(k, matrix, answers.info)
-        if stop_after is not None and k >= stop_after:
-            return StreamResult(run_id, layout.run_dir, matrix, {}, trained, time.time() - t_start)
+            on_stage(job.payload, matrix, result["info"])
+        return stop_after is not None and job.payload >= stop_after
+
+    concurrent = sc.backend == "ray" and cfg.run.schedule == "concurrent"
+    jobs = build_graph(work, cfg.run.schedule, exists=adapter_exists)
+    if concurrent:
+        from mllmcl.runner.executors import ThreadedExecutor, fit_slots
+        from mllmcl.training.trainer import run_ray_training
+
+        remote_fit = ray.remote(run_ray_training).options(num_cpus=0, max_retries=0,
+                                                          runtime_env={"env_vars": forwarded_env()})
+        slots = fit_slots(sc, ray.cluster_resources())
+        log.info("schedule: concurrent (up to %d fits at once, %d evaluation replica(s))", slots, sc.eval_replicas)
+        executor = ThreadedExecutor(run_job, {"fit": slots, "eval": 1})
+        if any(job.lane == "eval" for job in jobs):
+            start_replicas()
+    else:
+        executor = InlineExecutor(run_job)
+    if run_schedule(jobs, executor, on_done).stopped:
+        return StreamResult(run_id, layout.run_dir, matrix, {}, sorted(set(trained)), time.time() - t_start)
 
     if finished and predictor is None:  # every stage was done before: its outputs stand as written
-        return StreamResult(run_id, layout.run_dir, matrix, storage.read_json(layout.metrics), trained,
+        return StreamResult(run_id, layout.run_dir, matrix, storage.read_json(layout.metrics), [],
                             time.time() - t_start)
     metrics = run_metrics(cfg, stream.task_names, matrix, oracle_rows, stage_info,
                           generated=predictor.generated if predictor else 0,
@@ -206,4 +271,4 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
     write_outputs(layout, cfg, stream.name, run_id, matrix, metrics, prov)
     manifest.status = "complete"
     manifest.save(layout)
-    return StreamResult(run_id, layout.run_dir, matrix, metrics, trained, time.time() - t_start)
+    return StreamResult(run_id, layout.run_dir, matrix, metrics, sorted(set(trained)), time.time() - t_start)

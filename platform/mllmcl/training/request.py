@@ -32,6 +32,12 @@ class TrainRequest:
     meta: dict[str, Any] = field(default_factory=dict)
     adapter_kind: type | None = None
     adapter_args: dict[str, Any] = field(default_factory=dict)
+    depends_on: tuple[str, ...] = ()  # adapters the fit reads besides init_adapter (e.g. one it regularises against)
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Every adapter the fit reads: it may start once they are written."""
+        return tuple(dict.fromkeys([*([self.init_adapter] if self.init_adapter else []), *self.depends_on]))
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class FitConfig:
     dtype: str = "float32"
     threads: int = 0  # torch threads; 0 = the node's cores / the fit's workers on the node
     mixed_precision: str = "auto"  # auto (bf16 on GPU) | bf16 | fp16 | no
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass
     checkpoint_every: int = 0  # steps; 0 = once per epoch, at most AUTO_CHECKPOINTS per fit
     strategy: str = "ddp"  # ddp | deepspeed
     zero_stage: int = 2

@@ -1,0 +1,81 @@
+"""Executors of the stream's schedule (:mod:`mllmcl.runner.schedule`) for a real run.
+
+- :class:`InlineExecutor`: each job runs to its end in this process when it starts, one at a
+  time (``run.schedule=sequential``, and the local backend).
+- :class:`ThreadedExecutor`: each job runs in a thread of this process, up to a number per
+  lane; a fit's thread only waits for its Ray Train run on the cluster, an evaluation's
+  thread drives the evaluation replicas. What the cluster cannot place is not started.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+from mllmcl.runner.schedule import Finished, Job
+
+
+class InlineExecutor:
+    def __init__(self, run: Callable[[Job], Any]):
+        self.run = run
+        self.done: list[Finished] = []
+
+    def can_start(self, job: Job, running: dict[str, int]) -> bool:
+        return not running
+
+    def start(self, job: Job) -> None:
+        try:
+            self.done.append(Finished(job.id, self.run(job)))
+        except Exception as e:  # noqa: BLE001  (the scheduler raises it once the running jobs end)
+            self.done.append(Finished(job.id, error=e))
+
+    def wait(self) -> Finished:
+        return self.done.pop(0)
+
+    def clock(self) -> float:
+        return time.time()
+
+
+class ThreadedExecutor:
+    def __init__(self, run: Callable[[Job], Any], slots: dict[str, int]):
+        self.run = run
+        self.slots = slots  # lane -> jobs at once
+        self.events: queue.Queue[Finished] = queue.Queue()
+
+    def can_start(self, job: Job, running: dict[str, int]) -> bool:
+        return running.get(job.lane, 0) < self.slots.get(job.lane, 1)
+
+    def start(self, job: Job) -> None:
+        def work():
+            try:
+                self.events.put(Finished(job.id, self.run(job)))
+            except BaseException as e:  # noqa: BLE001  (handed to the scheduler in the driver's thread)
+                self.events.put(Finished(job.id, error=e))
+
+        threading.Thread(target=work, name=job.id, daemon=True).start()
+
+    def wait(self) -> Finished:
+        while True:  # short waits: Ctrl-C reaches the driver's thread at once
+            try:
+                return self.events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+
+    def clock(self) -> float:
+        return time.time()
+
+
+def fit_slots(scaling, ray_resources: dict[str, float]) -> int:
+    """How many fits the cluster can place at once (each ``num_workers`` × the worker's resources,
+    beside the evaluation replicas), capped by ``scaling.max_concurrent_fits``; at least one."""
+    sc = scaling
+    limits = [sc.max_concurrent_fits] if sc.max_concurrent_fits else []
+    cpus = sc.num_workers * sc.cpus_per_worker
+    if cpus:
+        limits.append(int((ray_resources.get("CPU", 0) - sc.eval_cpus * sc.eval_replicas) // cpus))
+    if sc.use_gpu:
+        gpus = sc.num_workers * (sc.gpus_per_worker or 1.0)
+        limits.append(int((ray_resources.get("GPU", 0) - sc.eval_gpus * sc.eval_replicas) // gpus))
+    return max(1, min(limits)) if limits else 1_000  # nothing requested: nothing limits them
