@@ -2,9 +2,12 @@
 
 (a) Orchestration overhead: wall time of ``lora_ft`` through the stream runner (Ray
     Train per task, evaluation actor, storage, manifest) against the same training
-    steps and evaluations in a plain in-process loop.
+    steps and evaluations in a plain in-process loop, under the default (concurrent)
+    schedule and ``run.schedule=sequential``; where the rest goes (each fit's Ray Train
+    start-up and teardown beside its training steps, evaluation).
     Also the same stream runner with ``scaling.backend=local`` (no Ray), which splits
     the overhead into Ray's share and the runner's own (storage, manifest, checkpoints).
+    And MR-LoRA (independent experts and routers) under both schedules.
 (b) MR-LoRA evaluation with the expert-prediction cache against re-evaluating every
     expert at every stage (same trained adapters, cache off).
 
@@ -52,6 +55,23 @@ def eval_seconds(run_dir: str) -> float:
     return sum(s["eval_seconds"] for s in manifest["stages"])
 
 
+def where_it_goes(run_dir: str) -> str:
+    """Each fit's wall time against its training steps; evaluation time; how much overlapped."""
+    stages = json.loads((Path(run_dir) / "manifest.json").read_text())["stages"]
+    fits = [t for s in stages for t in s["train"] if "seconds" in t]
+    fit_s = sum(t["seconds"] for t in fits)
+    loop_s = sum(t.get("loop_seconds") or 0 for t in fits)
+    ev = sum(s["eval_seconds"] for s in stages)
+    return (f"{len(fits)} fits {fit_s:.0f}s of which training steps {loop_s:.0f}s (start-up, loading, saving "
+            f"{fit_s - loop_s:.0f}s, {(fit_s - loop_s) / max(1, len(fits)):.1f}s a fit); evaluation {ev:.0f}s")
+
+
+def timed(cfg, run_id):
+    t0 = time.time()
+    res = run_stream(cfg, run_id)
+    return res, time.time() - t0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stream", default="dcl")
@@ -65,15 +85,16 @@ def main():
 
     # (a) orchestration overhead
     cfg = load_config(None, [*common, "method.name=lora_ft"])
-    load_configured_stream(cfg.data, progress=False)  # build data + base outside both timings
+    load_configured_stream(cfg.data, progress=False)  # build data + base outside every timing
     load_backbone(cfg.model.path)
-    t0 = time.time()
-    run_stream(cfg, "bench-lora-ft")
-    stream_s = time.time() - t0
-    t0 = time.time()
-    local = run_stream(load_config(None, [*common, "method.name=lora_ft", "scaling.backend=local"]), "bench-local")
-    local_s = time.time() - t0
+    concurrent, stream_s = timed(cfg, "bench-lora-ft")
+    sequential, seq_s = timed(load_config(None, [*common, "method.name=lora_ft", "run.schedule=sequential"]),
+                              "bench-lora-ft-seq")
+    local, local_s = timed(load_config(None, [*common, "method.name=lora_ft", "scaling.backend=local"]), "bench-local")
     plain_s = plain_loop(cfg)
+    mr_con, mr_con_s = timed(load_config(None, [*common, "method.name=mr_lora"]), "bench-mr-con")
+    mr_seq, mr_seq_s = timed(load_config(None, [*common, "method.name=mr_lora", "run.schedule=sequential"]),
+                             "bench-mr-seq")
 
     # (b) MR-LoRA evaluation: cache on, then the same adapters re-evaluated with the cache off
     on = run_stream(load_config(None, [*common, "method.name=mr_lora"]), "bench-mr-cache")
@@ -86,11 +107,19 @@ def main():
     e_on, e_off = eval_seconds(on.run_dir), eval_seconds(off.run_dir)
     same = on.matrix.rows == off.matrix.rows
 
-    print(f"\n(a) stream runner {stream_s:.0f}s vs plain in-process loop {plain_s:.0f}s "
-          f"-> orchestration overhead ratio {stream_s / plain_s:.2f}x ({args.tasks}, {args.epochs} epochs)")
+    print(f"\n(a) lora_ft: stream runner {stream_s:.0f}s (default schedule: concurrent) vs plain in-process loop "
+          f"{plain_s:.0f}s -> orchestration overhead ratio {stream_s / plain_s:.2f}x ({args.tasks}, "
+          f"{args.epochs} epochs)")
+    print(f"    run.schedule=sequential {seq_s:.0f}s -> {seq_s / plain_s:.2f}x; concurrent / sequential "
+          f"{stream_s / seq_s:.2f}x; same matrix: {concurrent.matrix.rows == sequential.matrix.rows}")
+    print(f"    concurrent: {where_it_goes(concurrent.run_dir)}")
+    print(f"    sequential: {where_it_goes(sequential.run_dir)}")
     print(f"    same runner without Ray (scaling.backend=local) {local_s:.0f}s -> {local_s / plain_s:.2f}x the plain "
           f"loop; Ray's share {stream_s - local_s:.0f}s; same matrix as on Ray: "
-          f"{local.matrix.rows == run_stream(cfg, 'bench-lora-ft').matrix.rows}")
+          f"{local.matrix.rows == concurrent.matrix.rows}")
+    print(f"    mr_lora: concurrent {mr_con_s:.0f}s vs sequential {mr_seq_s:.0f}s -> {mr_con_s / mr_seq_s:.2f}x; same "
+          f"matrix: {mr_con.matrix.rows == mr_seq.matrix.rows}")
+    print(f"    mr_lora concurrent: {where_it_goes(mr_con.run_dir)}")
     print(f"(b) MR-LoRA evaluation: cache {e_on:.0f}s ({on.metrics['eval_generated']} generations) vs no cache "
           f"{e_off:.0f}s ({off.metrics['eval_generated']} generations) -> {e_off / e_on:.2f}x faster with the "
           f"cache; same accuracy matrix: {same}")

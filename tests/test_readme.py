@@ -45,8 +45,11 @@ SUBMIT_TOKEN = ("RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8
 HEAD_OPEN = "RAY_AUTH_MODE=disabled ray start --head --dashboard-host 127.0.0.1"
 SUBMIT_OPEN = ("ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
                "python jobs/domain_stream.py run.id=demo storage.root=$HOME/mllmcl")
+PLAN_8 = "python jobs/plan.py --config jobs/configs/dcl/mr_lora_llava15_7b.yaml --gpu A100-40GB --nodes 1"
+PLAN_40 = ("python jobs/plan.py --config jobs/configs/dcl/mr_lora_llava15_7b.yaml --gpu A100-40GB --nodes 5 "
+           "scaling.gpus_per_worker=1 scaling.eval_gpus=1 scaling.eval_replicas=8")
 RUN = [STREAM, STREAM_ELSEWHERE, ABILITY, COMPARE, SYNTHETIC, EVALUATE, SERVE, SWEEP, TOKEN, HEAD_TOKEN,
-       SUBMIT_TOKEN, HEAD_OPEN, SUBMIT_OPEN]
+       SUBMIT_TOKEN, HEAD_OPEN, SUBMIT_OPEN, PLAN_8, PLAN_40]
 NOT_RUN = {  # quick-start commands this tier does not run, and why
     "make demo": "its three commands are run below (test_make_demo_commands)",
     "make test": "the suite itself",
@@ -279,6 +282,18 @@ def test_serve_and_the_stock_openai_client(checkout, default_run):
     terminal = "".join(lines) + (rest or "")
     assert proc.returncode == 0, terminal[-4000:]
     assert not [w for w in QUIET if w in terminal], terminal[-4000:]
+
+
+def test_the_planner_commands(checkout):
+    """The README's two plans of the paper's MR-LoRA preset (8 and 40 A100s): both schedules'
+    wall times, memory per GPU; the 40-GPU concurrent run a fraction of the 8-GPU sequential one."""
+    walls = []
+    for line in (PLAN_8, PLAN_40):
+        out = _ok(sh(line, checkout, timeout=300))
+        assert "memory per GPU" in out and "does not fit" not in out.lower()
+        walls.append({m[0]: m[1] for m in re.findall(r"^(concurrent|sequential)\s+([\d.]+ (?:h|min|s))", out, re.M)})
+    to_s = lambda t: float(t.split()[0]) * {"h": 3600, "min": 60, "s": 1}[t.split()[1]]  # noqa: E731
+    assert to_s(walls[1]["concurrent"]) <= 0.35 * to_s(walls[0]["sequential"]), walls
 
 
 def test_sweep_from_the_readme(checkout):

@@ -147,6 +147,9 @@ class TrainConfig:
     batch_size: int = 16  # effective (global) batch: split over workers and accumulation steps
     grad_accum: int = 1
     mixed_precision: str = "auto"  # auto (bf16 on GPU) | bf16 | fp16 | no
+    # recompute each layer's activations in the backward pass: activation memory of one layer instead
+    # of all, for about a third more compute (jobs/plan.py shows both); the same adapters
+    gradient_checkpointing: bool = False
     lr: float = 2e-3
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -205,8 +208,10 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # 0 = 1 when use_gpu
     threads_per_worker: int = 0  # torch threads; 0 = the node's cores / workers on the node
-    eval_cpus: float = 0.0
+    eval_cpus: float = 0.0  # per evaluation replica
     eval_gpus: float = 0.0
+    eval_replicas: int = 1  # evaluation actors sharing each stage's test questions (each holds the base once)
+    max_concurrent_fits: int = 0  # run.schedule=concurrent: fits at once; 0 = as many as the cluster can place
     max_failures: int = 2  # a failed worker group restarts from the last checkpoint this often
     checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch, at most 10 per fit
     strategy: str = "ddp"  # ddp | deepspeed (ZeRO; same loop, DeepSpeed's checkpoints)
@@ -225,6 +230,13 @@ class ScalingConfig:
             p.append("scaling: resources must be >= 0")
         if self.max_failures < 0:
             p.append(f"scaling.max_failures={self.max_failures}: must be >= 0")
+        if self.eval_replicas < 1:
+            p.append(f"scaling.eval_replicas={self.eval_replicas}: must be >= 1")
+        elif self.backend == "local" and self.eval_replicas != 1:
+            p.append(f"scaling.eval_replicas={self.eval_replicas}: the local backend evaluates in this process "
+                     f"(use backend=ray)")
+        if self.max_concurrent_fits < 0:
+            p.append(f"scaling.max_concurrent_fits={self.max_concurrent_fits}: must be >= 0 (0 = as many as fit)")
         if self.checkpoint_every < 0:
             p.append(f"scaling.checkpoint_every={self.checkpoint_every}: must be >= 0")
         if self.strategy not in ("ddp", "deepspeed"):
@@ -260,11 +272,17 @@ class RunSection:
     id: str = ""  # empty = a fresh id from the time and config hash
     seed: int = 0
     progress: bool = True
+    # concurrent: independent fits at once, evaluation beside later fits; sequential: one thing at a
+    # time in stream order (online arrival). Both give the same adapters and matrix.
+    schedule: str = "concurrent"
 
     def check(self) -> list[str]:
+        p = []
         if self.id and not all(c.isalnum() or c in "-_." for c in self.id):
-            return [f"run.id={self.id!r}: use letters, digits, '-', '_' or '.' only"]
-        return []
+            p.append(f"run.id={self.id!r}: use letters, digits, '-', '_' or '.' only")
+        if self.schedule not in ("concurrent", "sequential"):
+            p.append(f"run.schedule={self.schedule!r}: expected concurrent or sequential")
+        return p
 
 
 # --------------------------------------------------------------------------- building

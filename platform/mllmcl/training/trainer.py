@@ -22,7 +22,8 @@ class TrainOutcome:
     output_uri: str
     steps: int
     final_loss: float | None
-    seconds: float
+    seconds: float  # the whole fit, as the driver waited for it
+    loop_seconds: float | None = None  # the training steps alone (the rest: start-up, loading, saving)
 
 
 def _storage(uri: str):
@@ -47,18 +48,21 @@ def _inject_failure(request: TrainRequest) -> dict | None:
 
 
 def fit_config(request: TrainRequest, model_path: str, scaling: ScalingConfig, *, dtype: str = "float32",
-               mixed_precision: str = "auto") -> FitConfig:
+               mixed_precision: str = "auto", gradient_checkpointing: bool = False) -> FitConfig:
     return FitConfig(request=request, model_path=model_path, dtype=dtype, threads=scaling.threads_per_worker,
-                     mixed_precision=mixed_precision, checkpoint_every=scaling.checkpoint_every,
+                     mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+                     checkpoint_every=scaling.checkpoint_every,
                      strategy=scaling.strategy, zero_stage=scaling.zero_stage, offload=scaling.offload,
                      inject_failure=_inject_failure(request))
 
 
 def run_training(request: TrainRequest, model_path: str, checkpoints_uri: str, *, scaling: ScalingConfig,
-                 dtype: str = "float32", mixed_precision: str = "auto") -> TrainOutcome:
+                 dtype: str = "float32", mixed_precision: str = "auto",
+                 gradient_checkpointing: bool = False) -> TrainOutcome:
     """Fine-tune one adapter with ``scaling``'s workers (Ray Train, or this process with
     ``backend=local``); checkpoints go under ``checkpoints_uri``; resumes a half-done fit."""
-    fit = fit_config(request, model_path, scaling, dtype=dtype, mixed_precision=mixed_precision)
+    fit = fit_config(request, model_path, scaling, dtype=dtype, mixed_precision=mixed_precision,
+                     gradient_checkpointing=gradient_checkpointing)
     if scaling.backend == "local":
         return run_local_training(fit, checkpoints_uri)
     return run_ray_training(fit, scaling, checkpoints_uri)
@@ -82,7 +86,7 @@ def run_local_training(fit: FitConfig, checkpoints_uri: str) -> TrainOutcome:
         torch.set_num_threads(threads)  # the loop sets the thread count; leave the caller's process as it was
     metrics = session.last_metrics
     return TrainOutcome(output_uri=fit.request.output_uri, steps=int(metrics.get("steps", 0)),
-                        final_loss=metrics.get("loss"), seconds=time.time() - t0)
+                        final_loss=metrics.get("loss"), seconds=time.time() - t0, loop_seconds=metrics.get("seconds"))
 
 
 def run_ray_training(fit: FitConfig, sc: ScalingConfig, checkpoints_uri: str) -> TrainOutcome:
@@ -116,4 +120,4 @@ def run_ray_training(fit: FitConfig, sc: ScalingConfig, checkpoints_uri: str) ->
     result = trainer.fit()
     metrics = result.metrics or {}
     return TrainOutcome(output_uri=fit.request.output_uri, steps=int(metrics.get("steps", 0)),
-                        final_loss=metrics.get("loss"), seconds=time.time() - t0)
+                        final_loss=metrics.get("loss"), seconds=time.time() - t0, loop_seconds=metrics.get("seconds"))

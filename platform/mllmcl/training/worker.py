@@ -179,6 +179,8 @@ def train_adapter(fit: FitConfig, session) -> None:
 
     backbone = load_backbone(fit.model_path, fit.dtype)
     kind = (request.adapter_kind or LoraKind)(request)
+    if fit.gradient_checkpointing:  # the language model's and the vision tower's layers (non-reentrant)
+        backbone.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = kind.build(backbone.model)
     device = session.device
     use_cuda = device.type == "cuda"
