@@ -1,14 +1,14 @@
-"""The stream's schedule as a graph (no Ray): what each job waits for, in what order the two
+"""The stream's schedule as a graph (no Ray; timed by the planner's executor): what each job waits for, in what order the two
 schedules start jobs, that stages complete in order, look-ahead refused, failures and stops."""
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 
 import pytest
 
 from mllmcl.errors import MllmclError
+from mllmcl.planning.simulate import ModelledExecutor
 from mllmcl.runner.executors import InlineExecutor, fit_slots
 from mllmcl.runner.schedule import Finished, StageWork, build_graph, run_schedule
 from mllmcl.settings import ScalingConfig
@@ -30,24 +30,14 @@ def lora_ft(n: int) -> list[StageWork]:  # each stage continues from the one bef
     return [StageWork(k, [Req(k, "lora", f"a{k}", (f"a{k - 1}",) if k else ())]) for k in range(n)]
 
 
-class Clock:
-    """Jobs take ``durations[lane]``; ``slots[lane]`` at once (the planner's kind of executor)."""
+def Clock(slots, durations, base=None):
+    """The planner's executor (jobs take their modelled seconds): here ``durations[lane]`` each."""
+    class Timed(base or ModelledExecutor):
+        def start(self, job):
+            self.seconds.setdefault(job.id, durations[job.lane])
+            super().start(job)
 
-    def __init__(self, slots, durations):
-        self.slots, self.durations, self.now, self.heap = slots, durations, 0.0, []
-
-    def can_start(self, job, running):
-        return running.get(job.lane, 0) < self.slots[job.lane]
-
-    def start(self, job):
-        heapq.heappush(self.heap, (self.now + self.durations[job.lane], job.id))
-
-    def wait(self):
-        self.now, job_id = heapq.heappop(self.heap)
-        return Finished(job_id, job_id)
-
-    def clock(self):
-        return self.now
+    return Timed({}, slots)
 
 
 def test_needs_follow_what_each_fit_reads_and_stages_complete_in_order():
@@ -111,15 +101,21 @@ def test_a_failed_job_stops_new_starts_and_raises_after_the_running_ones():
 def test_on_done_stops_the_driver_after_a_stage():
     cancelled = []
 
-    class Stoppable(Clock):
+    class Stoppable(ModelledExecutor):  # a stopped job ends with an error, which the way out ignores
         def start(self, job):
             super().start(job)
             job.cancel = lambda: cancelled.append(job.id)
 
-    res = run_schedule(build_graph(mr_lora(3)), Stoppable({"fit": 8, "eval": 1}, {"fit": 10.0, "eval": 1.0}),
-                       on_done=lambda job, _: job.id == "eval:0")
-    assert res.stopped and "eval:1" not in res.results
-    assert set(cancelled) <= {j.id for j in res.jobs if j.lane == "fit" and j.stage > 0}
+        def wait(self):
+            fin = super().wait()
+            return Finished(fin.job_id, error=RuntimeError("cancelled")) if fin.job_id in cancelled else fin
+
+    jobs = build_graph(mr_lora(3))
+    seconds = {j.id: 10.0 if j.stage == 0 else 100.0 for j in jobs if j.lane == "fit"}
+    seconds.update({j.id: 1.0 for j in jobs if j.lane == "eval"})
+    res = run_schedule(jobs, Stoppable(seconds, {"fit": 8, "eval": 1}), on_done=lambda job, _: job.id == "eval:0")
+    assert res.stopped and set(res.results) == {"fit:0:expert:0", "eval:0"}
+    assert sorted(cancelled) == ["fit:1:expert:0", "fit:1:router:1", "fit:2:expert:0", "fit:2:router:1"]
 
 
 def test_fit_slots_follow_the_cluster_and_the_cap():
