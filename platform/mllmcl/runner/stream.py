@@ -155,6 +155,7 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
     train_logs: dict[int, list[dict]] = {}
     states: dict[int, dict] = {}
     work: list[StageWork] = []
+    plan_index: dict[int, int] = {}  # a request's place in its stage's plan: its record's name
     for k, task in enumerate(stream):
         stage = Stage(k, stream, layout, cfg)
         done = manifest.stage(k)
@@ -171,13 +172,17 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
             continue
         stages[k] = stage
         train_logs[k], fits = [], []
-        for req in method.plan(stage):  # every stage is planned up front: a plan reads only stages <= k
-            if adapter_exists(req.output_uri):
-                train_logs[k].append({"kind": req.kind, "reused": True})
+        for n, req in enumerate(method.plan(stage)):  # every stage is planned up front: it reads stages <= k
+            if adapter_exists(req.output_uri):  # written by an earlier driver: its record, if it kept one
+                record = layout.path("fits", f"{k}_{req.kind}_{n}.json")
+                kept = storage.read_json(record) if storage.exists(record) else {"kind": req.kind}
+                train_logs[k].append({**kept, "reused": True})
+                stage.trained[req.output_uri] = train_logs[k][-1]
             else:
-                fits.append(req)
+                fits.append((n, req))
         states[k] = method.state_dict()  # the method's state once stage k is planned
-        work.append(StageWork(k, fits))
+        work.append(StageWork(k, [req for _, req in fits]))
+        plan_index.update({id(req): n for n, req in fits})
 
     def fit(job: Job) -> TrainOutcome:
         req = job.payload
@@ -235,6 +240,8 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
                      "started": round(job.started, 3), "ended": round(job.ended, 3)}
             train_logs[req.stage].append(entry)
             stages[req.stage].trained[req.output_uri] = entry
+            # kept beside the run, so a later driver that finds the adapter keeps when it was trained
+            storage.write_json(layout.path("fits", f"{req.stage}_{req.kind}_{plan_index[id(req)]}.json"), entry)
             trained.append(req.stage)
             return False
         matrix.add_row(result["scores"])
