@@ -72,12 +72,30 @@ def timed(cfg, run_id):
     return res, time.time() - t0
 
 
+def report_a(args, stream_s, seq_s, local_s, plain_s, concurrent, sequential, local, mr_con, mr_con_s, mr_seq,
+             mr_seq_s):
+    print(f"\n(a) lora_ft: stream runner {stream_s:.0f}s (default schedule: concurrent) vs plain in-process loop "
+          f"{plain_s:.0f}s -> orchestration overhead ratio {stream_s / plain_s:.2f}x ({args.tasks}, "
+          f"{args.epochs} epochs)")
+    print(f"    run.schedule=sequential {seq_s:.0f}s -> {seq_s / plain_s:.2f}x; concurrent / sequential "
+          f"{stream_s / seq_s:.2f}x; same matrix: {concurrent.matrix.rows == sequential.matrix.rows}")
+    print(f"    concurrent: {where_it_goes(concurrent.run_dir)}")
+    print(f"    sequential: {where_it_goes(sequential.run_dir)}")
+    print(f"    same runner without Ray (scaling.backend=local) {local_s:.0f}s -> {local_s / plain_s:.2f}x the plain "
+          f"loop; Ray's share {stream_s - local_s:.0f}s; same matrix as on Ray: "
+          f"{local.matrix.rows == concurrent.matrix.rows}")
+    print(f"    mr_lora: concurrent {mr_con_s:.0f}s vs sequential {mr_seq_s:.0f}s -> {mr_con_s / mr_seq_s:.2f}x; same "
+          f"matrix: {mr_con.matrix.rows == mr_seq.matrix.rows}")
+    print(f"    mr_lora concurrent: {where_it_goes(mr_con.run_dir)}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stream", default="dcl")
     ap.add_argument("--tasks", default="RS,Med,AD")
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--root", default=None, help="storage root (default: a temp folder)")
+    ap.add_argument("--skip-cache", action="store_true", help="only (a): no cache on/off comparison")
     args = ap.parse_args()
     root = args.root or tempfile.mkdtemp(prefix="mllmcl-bench-")
     common = [f"data.stream={args.stream}", f"data.tasks=[{args.tasks}]", f"train.epochs={args.epochs}",
@@ -96,6 +114,10 @@ def main():
     mr_seq, mr_seq_s = timed(load_config(None, [*common, "method.name=mr_lora", "run.schedule=sequential"]),
                              "bench-mr-seq")
 
+    report_a(args, stream_s, seq_s, local_s, plain_s, concurrent, sequential, local, mr_con, mr_con_s, mr_seq,
+             mr_seq_s)
+    if args.skip_cache:
+        return
     # (b) MR-LoRA evaluation: cache on, then the same adapters re-evaluated with the cache off
     on = run_stream(load_config(None, [*common, "method.name=mr_lora"]), "bench-mr-cache")
     off_dir = Path(root) / "runs" / "bench-mr-nocache"
@@ -107,19 +129,6 @@ def main():
     e_on, e_off = eval_seconds(on.run_dir), eval_seconds(off.run_dir)
     same = on.matrix.rows == off.matrix.rows
 
-    print(f"\n(a) lora_ft: stream runner {stream_s:.0f}s (default schedule: concurrent) vs plain in-process loop "
-          f"{plain_s:.0f}s -> orchestration overhead ratio {stream_s / plain_s:.2f}x ({args.tasks}, "
-          f"{args.epochs} epochs)")
-    print(f"    run.schedule=sequential {seq_s:.0f}s -> {seq_s / plain_s:.2f}x; concurrent / sequential "
-          f"{stream_s / seq_s:.2f}x; same matrix: {concurrent.matrix.rows == sequential.matrix.rows}")
-    print(f"    concurrent: {where_it_goes(concurrent.run_dir)}")
-    print(f"    sequential: {where_it_goes(sequential.run_dir)}")
-    print(f"    same runner without Ray (scaling.backend=local) {local_s:.0f}s -> {local_s / plain_s:.2f}x the plain "
-          f"loop; Ray's share {stream_s - local_s:.0f}s; same matrix as on Ray: "
-          f"{local.matrix.rows == concurrent.matrix.rows}")
-    print(f"    mr_lora: concurrent {mr_con_s:.0f}s vs sequential {mr_seq_s:.0f}s -> {mr_con_s / mr_seq_s:.2f}x; same "
-          f"matrix: {mr_con.matrix.rows == mr_seq.matrix.rows}")
-    print(f"    mr_lora concurrent: {where_it_goes(mr_con.run_dir)}")
     print(f"(b) MR-LoRA evaluation: cache {e_on:.0f}s ({on.metrics['eval_generated']} generations) vs no cache "
           f"{e_off:.0f}s ({off.metrics['eval_generated']} generations) -> {e_off / e_on:.2f}x faster with the "
           f"cache; same accuracy matrix: {same}")

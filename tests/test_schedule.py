@@ -10,7 +10,7 @@ import pytest
 from mllmcl.errors import MllmclError
 from mllmcl.planning.simulate import ModelledExecutor
 from mllmcl.runner.executors import InlineExecutor, fit_slots
-from mllmcl.runner.schedule import Finished, StageWork, build_graph, run_schedule
+from mllmcl.runner.schedule import StageWork, build_graph, run_schedule
 from mllmcl.settings import ScalingConfig
 
 
@@ -99,23 +99,16 @@ def test_a_failed_job_stops_new_starts_and_raises_after_the_running_ones():
 
 
 def test_on_done_stops_the_driver_after_a_stage():
-    cancelled = []
-
-    class Stoppable(ModelledExecutor):  # a stopped job ends with an error, which the way out ignores
-        def start(self, job):
-            super().start(job)
-            job.cancel = lambda: cancelled.append(job.id)
-
-        def wait(self):
-            fin = super().wait()
-            return Finished(fin.job_id, error=RuntimeError("cancelled")) if fin.job_id in cancelled else fin
-
     jobs = build_graph(mr_lora(3))
     seconds = {j.id: 10.0 if j.stage == 0 else 100.0 for j in jobs if j.lane == "fit"}
     seconds.update({j.id: 1.0 for j in jobs if j.lane == "eval"})
-    res = run_schedule(jobs, Stoppable(seconds, {"fit": 8, "eval": 1}), on_done=lambda job, _: job.id == "eval:0")
-    assert res.stopped and set(res.results) == {"fit:0:expert:0", "eval:0"}
-    assert sorted(cancelled) == ["fit:1:expert:0", "fit:1:router:1", "fit:2:expert:0", "fit:2:router:1"]
+    done = []
+    res = run_schedule(jobs, ModelledExecutor(seconds, {"fit": 2, "eval": 1}),
+                       on_done=lambda job, _: done.append(job.id) or job.id == "eval:0")
+    assert res.stopped and "eval:1" not in res.results
+    # the two fits running when stage 0 completed ended (and were recorded); nothing else started
+    assert done == ["fit:0:expert:0", "eval:0", "fit:1:expert:0", "fit:1:router:1"]
+    assert {j.id for j in jobs if j.started is None} == {"fit:2:expert:0", "fit:2:router:1", "eval:1", "eval:2"}
 
 
 def test_fit_slots_follow_the_cluster_and_the_cap():
@@ -124,3 +117,7 @@ def test_fit_slots_follow_the_cluster_and_the_cap():
     gpus = ScalingConfig(num_workers=8, use_gpu=True, cpus_per_worker=4, eval_gpus=1, eval_replicas=2)
     assert fit_slots(gpus, {"CPU": 400, "GPU": 40}) == 4  # (40 - 2 evaluation GPUs) // 8
     assert fit_slots(ScalingConfig(num_workers=4), {"CPU": 2}) == 1  # never none: Ray queues it
+    # a CPU fit whose workers share a node's cores (threads_per_worker=0) takes the whole node
+    assert fit_slots(ScalingConfig(), {"CPU": 2}, node_cpus=2) == 1
+    assert fit_slots(ScalingConfig(), {"CPU": 16}, node_cpus=8) == 2
+    assert fit_slots(ScalingConfig(threads_per_worker=1), {"CPU": 2}, node_cpus=2) == 2

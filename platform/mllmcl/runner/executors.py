@@ -67,12 +67,18 @@ class ThreadedExecutor:
         return time.time()
 
 
-def fit_slots(scaling, ray_resources: dict[str, float]) -> int:
+def fit_slots(scaling, ray_resources: dict[str, float], node_cpus: float | None = None) -> int:
     """How many fits the cluster can place at once (each ``num_workers`` × the worker's resources,
-    beside the evaluation replicas), capped by ``scaling.max_concurrent_fits``; at least one."""
+    beside the evaluation replicas), capped by ``scaling.max_concurrent_fits``; at least one.
+
+    A CPU fit counts the cores its workers use, not only those it requests: with
+    ``threads_per_worker=0`` a node's workers share all of its cores (``node_cpus``), so such a
+    fit takes a whole node, and two of them on one node would only slow each other down."""
     sc = scaling
     limits = [sc.max_concurrent_fits] if sc.max_concurrent_fits else []
-    cpus = sc.num_workers * sc.cpus_per_worker
+    cpus = sc.num_workers * max(sc.cpus_per_worker, sc.threads_per_worker)
+    if not sc.use_gpu and not sc.threads_per_worker and node_cpus:
+        cpus = max(cpus, node_cpus)
     if cpus:
         limits.append(int((ray_resources.get("CPU", 0) - sc.eval_cpus * sc.eval_replicas) // cpus))
     if sc.use_gpu:

@@ -37,7 +37,6 @@ class Job:
     payload: Any = None  # a fit's TrainRequest; an evaluation's stage number
     started: float | None = None  # the executor's clock
     ended: float | None = None
-    cancel: Callable[[], None] | None = None  # set while running, where the executor can stop it
 
 
 @dataclass
@@ -115,16 +114,16 @@ def build_graph(work: Sequence[StageWork], schedule: str = "concurrent",
 class ScheduleResult:
     jobs: list[Job]
     results: dict[str, Any] = field(default_factory=dict)
-    stopped: bool = False  # ``on_done`` asked to stop: what was running finished, nothing new started
+    stopped: bool = False  # ``on_done`` asked to stop (or a job could not start): not every job ran
 
 
 def run_schedule(jobs: Sequence[Job], executor: Executor,
                  on_done: Callable[[Job, Any], bool] | None = None) -> ScheduleResult:
     """Run ``jobs``: start, in priority order, every job whose needs are done and that the
     executor has room for; when one ends, call ``on_done(job, result)``. True means the driver
-    stops there: running jobs that can be stopped are (a fit keeps its checkpoints and is
-    continued by the next run), the others end, nothing new starts. A job that fails stops new
-    starts too; the running ones end (their work is kept) and its error is raised."""
+    stops there: nothing new starts, the running jobs end (their ``on_done`` is still called, so
+    their work is recorded) and the schedule returns. A job that fails stops new starts too; the
+    running ones end (their work is kept) and its error is raised."""
     pending = list(jobs)
     running: dict[str, Job] = {}
     out = ScheduleResult(list(jobs))
@@ -146,17 +145,13 @@ def run_schedule(jobs: Sequence[Job], executor: Executor,
             break
         fin = executor.wait()
         job = running.pop(fin.job_id)
-        job.ended, job.cancel = executor.clock(), None
+        job.ended = executor.clock()
         if fin.error is not None:
-            if not stopping:  # a job stopped on the way out is not a failure
-                failure = failure or fin.error
+            failure = failure or fin.error
             continue
         out.results[job.id] = fin.result
-        if on_done is not None and not stopping and on_done(job, fin.result):
+        if on_done is not None and on_done(job, fin.result):
             stopping = True
-            for other in running.values():
-                if other.cancel is not None:
-                    other.cancel()
     if failure is not None:
         raise failure
     out.stopped = stopping or bool(pending)

@@ -86,7 +86,7 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
 
     from mllmcl.cluster import forwarded_env, init_ray
     from mllmcl.runner.evaluator import EvalWorker
-    from mllmcl.training.trainer import TrainOutcome, fit_config, run_training
+    from mllmcl.training.trainer import TrainOutcome, run_training
 
     t_start = time.time()
     cfg = absolute_paths(cfg)  # a no-op for configs read by load_config; workers never see a relative path
@@ -184,15 +184,10 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
         work.append(StageWork(k, [req for _, req in fits]))
         plan_index.update({id(req): n for n, req in fits})
 
-    def fit(job: Job) -> TrainOutcome:
-        req = job.payload
+    def fit(req) -> TrainOutcome:
         ckpts = layout.path("tasks", f"{req.stage}_{req.task}", f"checkpoints_{req.kind}")
-        if concurrent:  # on the cluster; this thread only waits for it
-            run = fit_config(req, model_path, sc, dtype=cfg.model.dtype, mixed_precision=cfg.train.mixed_precision,
-                             gradient_checkpointing=cfg.train.gradient_checkpointing)
-            ref = remote_fit.remote(run, sc, ckpts)
-            job.cancel = lambda: ray.cancel(ref, force=True)  # its workers go with it; the checkpoints stay
-            return ray.get(ref)
+        # a Ray Train run on the cluster; under the concurrent schedule this thread of the driver only
+        # waits for it (Ray Train's controller is an actor; its Ctrl-C handler is the main thread's)
         return run_training(req, model_path, ckpts, scaling=sc, dtype=cfg.model.dtype,
                             mixed_precision=cfg.train.mixed_precision,
                             gradient_checkpointing=cfg.train.gradient_checkpointing)
@@ -228,7 +223,7 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
         if job.lane == "fit":
             req = job.payload
             log.info("stage %d/%d: %s %s fit (%s)", req.stage + 1, len(stream), req.task, req.kind, cfg.method.name)
-            return fit(job)
+            return fit(job.payload)
         return evaluate(job.payload)
 
     def on_done(job: Job, result) -> bool:
@@ -255,11 +250,9 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
     jobs = build_graph(work, cfg.run.schedule, exists=adapter_exists)
     if concurrent:
         from mllmcl.runner.executors import ThreadedExecutor, fit_slots
-        from mllmcl.training.trainer import run_ray_training
 
-        remote_fit = ray.remote(run_ray_training).options(num_cpus=0, max_retries=0,
-                                                          runtime_env={"env_vars": forwarded_env()})
-        slots = fit_slots(sc, ray.cluster_resources())
+        node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        slots = fit_slots(sc, ray.cluster_resources(), node_cpus)
         log.info("schedule: concurrent (up to %d fits at once, %d evaluation replica(s))", slots, sc.eval_replicas)
         executor = ThreadedExecutor(run_job, {"fit": slots, "eval": 1})
         if any(job.lane == "eval" for job in jobs):
