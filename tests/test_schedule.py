@@ -9,7 +9,7 @@ import pytest
 
 from mllmcl.errors import MllmclError
 from mllmcl.planning.simulate import ModelledExecutor
-from mllmcl.runner.executors import InlineExecutor, fit_slots
+from mllmcl.runner.executors import InlineExecutor, ThreadedExecutor, fit_slots
 from mllmcl.runner.schedule import StageWork, build_graph, run_schedule
 from mllmcl.settings import ScalingConfig
 
@@ -109,6 +109,24 @@ def test_on_done_stops_the_driver_after_a_stage():
     # the two fits running when stage 0 completed ended (and were recorded); nothing else started
     assert done == ["fit:0:expert:0", "eval:0", "fit:1:expert:0", "fit:1:router:1"]
     assert {j.id for j in jobs if j.started is None} == {"fit:2:expert:0", "fit:2:router:1", "eval:1", "eval:2"}
+
+
+def test_an_exclusive_executor_runs_one_job_at_a_time_in_schedule_order():
+    import time
+
+    spans = {}
+
+    def run(job):
+        t0 = time.perf_counter()
+        time.sleep(0.05)
+        spans[job.id] = (t0, time.perf_counter())
+
+    res = run_schedule(build_graph(mr_lora(2)), ThreadedExecutor(run, {"fit": 4, "eval": 1}, exclusive=True))
+    order = sorted(spans, key=lambda j: spans[j][0])
+    assert order == ["fit:0:expert:0", "eval:0", "fit:1:expert:0", "fit:1:router:1", "eval:1"] and not res.stopped
+    assert all(spans[a][1] <= spans[b][0] for a, b in zip(order, order[1:]))
+    free = run_schedule(build_graph(mr_lora(2)), ThreadedExecutor(run, {"fit": 4, "eval": 1}))
+    assert len(free.results) == 5 and spans["fit:1:expert:0"][0] < spans["fit:0:expert:0"][1]  # at once when free
 
 
 def test_fit_slots_follow_the_cluster_and_the_cap():
