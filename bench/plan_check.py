@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--text-len", type=int, default=64)
     ap.add_argument("--skip-1b", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true", help="only (2)")
     ap.add_argument("--tasks", default="RS,Med,AD")
     args = ap.parse_args()
     if args.child:
@@ -140,8 +141,9 @@ def main() -> None:
         return
     flops = machine_flops(os.cpu_count() or 1)
     print(f"this machine: {flops / 1e9:.0f} GFLOP/s fp32 matmul ({os.cpu_count()} threads)", flush=True)
-    print("(1) peak memory of a LoRA fit on CPU (fp32, rank 32 on every language-model linear)", flush=True)
-    for size in ("tiny",) + (() if args.skip_1b else ("1b",)):
+    if not args.skip_memory:
+        print("(1) peak memory of a LoRA fit on CPU (fp32, rank 32 on every language-model linear)", flush=True)
+    for size in () if args.skip_memory else ("tiny",) + (() if args.skip_1b else ("1b",)):
         for line in memory_check(size, args.batch if size != "tiny" else 8, args.text_len):
             print(line, flush=True)
     print(f"(2) a tiny MR-LoRA stream on Ray ({args.tasks}), stage times", flush=True)

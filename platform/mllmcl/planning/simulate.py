@@ -28,7 +28,7 @@ from mllmcl.data.streams import get_stream_spec
 from mllmcl.data.types import Sample, Stream, Task
 from mllmcl.planning.costs import BYTES, FitShape, Memory, fit_memory, fit_seconds, generation_seconds
 from mllmcl.planning.shapes import model_shape
-from mllmcl.runner.executors import fit_slots
+from mllmcl.runner.executors import fit_slots, one_at_a_time
 from mllmcl.runner.schedule import SCHEDULES, Finished, StageWork, build_graph, run_schedule
 
 # Counts of the real release when its folder is not on the planning machine: train / test samples
@@ -91,8 +91,8 @@ class Plan:
         seen = set()
         for f in self.fits:
             mem = f.memory_checkpointed if checkpointing else f.memory
-            if mem.total > cap and (f.kind, f.task) not in seen:
-                seen.add((f.kind, f.task))
+            if mem.total > cap and f.kind not in seen:  # one line a kind of fit: they share their shape
+                seen.add(f.kind)
                 g = mem.gib()
                 out.append(f"stage {f.stage} {f.task} {f.kind} fit: {g['total']:.1f} GiB per GPU > "
                            f"{self.cluster.device.memory_gib:.0f} GiB ({self.cluster.device.name}): weights "
@@ -178,13 +178,17 @@ class CountingBackend:
 
 
 class ModelledExecutor:
-    """Jobs take their modelled seconds; a clock jumps from one end to the next."""
+    """Jobs take their modelled seconds; a clock jumps from one end to the next. Room as the
+    runner's :class:`~mllmcl.runner.executors.ThreadedExecutor` gives it (slots per lane, or
+    one job at a time)."""
 
-    def __init__(self, seconds: dict[str, float], slots: dict[str, int]):
-        self.seconds, self.slots = seconds, slots
+    def __init__(self, seconds: dict[str, float], slots: dict[str, int], exclusive: bool = False):
+        self.seconds, self.slots, self.exclusive = seconds, slots, exclusive
         self.now, self.heap = 0.0, []
 
     def can_start(self, job, running):
+        if self.exclusive and any(running.values()):
+            return False
         return running.get(job.lane, 0) < self.slots.get(job.lane, 1)
 
     def start(self, job):
@@ -255,8 +259,10 @@ def plan_run(cfg, cluster, *, model_config: str | None = None, train_samples: in
                 eval_memory=weight_bytes + kv + (1.5 * 1024 ** 3 if sc.use_gpu else 0.4 * 1024 ** 3))
     for schedule in SCHEDULES:
         jobs = build_graph(work, schedule)
-        slots = {"fit": fit_slots(sc, resources) if schedule == "concurrent" else 1, "eval": 1}
-        ran = run_schedule(jobs, ModelledExecutor(seconds, slots)).jobs
+        concurrent = schedule == "concurrent"
+        slots = {"fit": fit_slots(sc, resources, cluster.cpus_per_node or None) if concurrent else 1, "eval": 1}
+        alone = concurrent and one_at_a_time(sc, cluster.nodes) and bool(cluster.cpus_per_node)
+        ran = run_schedule(jobs, ModelledExecutor(seconds, slots, alone)).jobs
         wall = max((j.ended for j in ran), default=0.0)
         busy = sum(seconds[j.id] * (fit_gpus if j.lane == "fit" else eval_gpus) for j in ran) / 3600
         edges = sorted({t for j in ran if j.lane == "fit" for t in (j.started, j.ended)})

@@ -249,14 +249,12 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
     concurrent = sc.backend == "ray" and cfg.run.schedule == "concurrent"
     jobs = build_graph(work, cfg.run.schedule, exists=adapter_exists)
     if concurrent:
-        from mllmcl.runner.executors import ThreadedExecutor, fit_slots
+        from mllmcl.runner.executors import ThreadedExecutor, fit_slots, one_at_a_time
 
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         node_cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
         slots = fit_slots(sc, ray.cluster_resources(), node_cpus)
-        # one CPU node whose every core a fit uses: nothing can run beside a fit without slowing it
-        # (measured here: 1.2x the sequential time); one job at a time, in the schedule's order
-        exclusive = not sc.use_gpu and not sc.threads_per_worker and len(nodes) == 1
+        exclusive = one_at_a_time(sc, len(nodes))
         log.info("schedule: concurrent (up to %d fits at once, %d evaluation replica(s)%s)", slots, sc.eval_replicas,
                  "; one job at a time: each fit uses every core of this node (scaling.threads_per_worker shares "
                  "them)" if exclusive else "")
