@@ -18,7 +18,6 @@ stream's own scheduler run on a clock under both schedules.
 from __future__ import annotations
 
 import heapq
-import math
 import re
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -308,8 +307,3 @@ def describe(plan: Plan) -> str:
         lines.append(f"{name:<11} {hours(s.wall_s):>10} {s.gpu_hours_held:>15.1f} {s.gpu_hours_busy:>15.1f} "
                      f"{s.max_fits_at_once:>13}")
     return "\n".join(lines)
-
-
-def ratio(a: Plan, b: Plan, schedule_a: str = "concurrent", schedule_b: str = "sequential") -> float:
-    return a.schedules[schedule_a].wall_s / b.schedules[schedule_b].wall_s if b.schedules[schedule_b].wall_s else math.nan
-

@@ -122,11 +122,11 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
         init_ray()  # this job's Ray (dashboard on 127.0.0.1, no preemption watcher), before Ray Train starts one
     predictor: CachedPredictor | None = None
     replicas: list = []
+    formats = [method.adapter_format] if method.adapter_format is not None else []
 
     def start_replicas() -> None:
         """Create the evaluation actors (they load the base while the first fits train)."""
         if sc.backend == "ray" and not replicas:
-            formats = [method.adapter_format] if method.adapter_format is not None else []
             actor = ray.remote(EvalWorker).options(num_cpus=sc.eval_cpus, num_gpus=sc.eval_gpus,
                                                    runtime_env={"env_vars": forwarded_env()})
             replicas.extend(actor.remote(model_path, cfg.model.dtype, sc.threads_per_worker or 0, formats)
@@ -137,7 +137,6 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
         nonlocal predictor
         if predictor is None:
             if sc.backend == "local":  # in this process: its thread count is left alone
-                formats = [method.adapter_format] if method.adapter_format is not None else []
                 workers = EvalWorker(model_path, cfg.model.dtype, formats=formats)
             else:
                 start_replicas()
