@@ -46,6 +46,7 @@ for _name, _path in ISOLATED.items():
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one process less per fit; nothing preempts here
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")  # as mllmcl.cluster.init_ray sets for a local Ray
 # Ctrl-C as a terminal delivers it: a suite started in the background of a non-interactive shell
 # inherits SIGINT ignored, and so would every job it starts (the tests that press Ctrl-C would then
 # wait for a job that never hears it). A handled signal is back to its default in an exec'd child.

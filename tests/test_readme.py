@@ -342,8 +342,10 @@ class Head:
                  f"--runtime-env-agent-port {_free_port()} --metrics-export-port {_free_port()} "
                  f"--min-worker-port 20000 --max-worker-port 20999 --num-cpus 2")
         self.log = open(tmp / "head.log", "w+")
+        env = _env()
+        env.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)  # a user's head polls at Ray's default (the suite's Ray: conftest)
         self.proc = subprocess.Popen(["bash", "-c", f"{command} {ports} --temp-dir {tmp} --block"], cwd=cwd,
-                                     env=_env(), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 120
         while time.time() < deadline:
             assert self.proc.poll() is None, self.output()

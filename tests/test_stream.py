@@ -106,20 +106,22 @@ def test_resume_refuses_a_different_config(ray_session, runs_root, stream_overri
 def test_two_workers_match_one_and_a_killed_worker_resumes(ray_session, runs_root, stream_overrides, reference,
                                                            monkeypatch):
     """DDP over two workers with the same effective batch (4: 2 samples each per step) gives one
-    worker's result, also when rank 0 is killed mid-task and the worker group restarts from the
-    last Ray Train checkpoint. (Resuming a stopped run is tested on S3 below and, for every
+    worker's result, also when rank 0 is killed mid-fit and the worker group restarts from the
+    last Ray Train checkpoint. One task (the reference's stage 0: a stage never depends on the
+    tasks after it, test_method_contract.py); a fit that starts from an earlier adapter on two
+    workers is the DeepSpeed test's. (Resuming a stopped run is tested on S3 below and, for every
     method, in the contract test.)
 
     LoRA dropout is off in these runs (stream_overrides): its random masks are drawn per
     rank, so with dropout the two runs see different (equally valid) noise. Stated
-    tolerance: adapter weights within 1e-4, identical accuracy matrix.
+    tolerance: adapter weights within 1e-4, identical accuracy.
     """
     from peft.utils import load_peft_weights
 
-    monkeypatch.setenv("MLLMCL_INJECT_WORKER_FAILURE", "Med:2:0")  # kill rank 0 after step 2 of task Med
-    two = run_stream(_cfg(runs_root, stream_overrides, TWO, "method.name=lora_ft", "scaling.num_workers=2",
-                          "scaling.checkpoint_every=1"), "ddp-2")
-    markers = list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"mllmcl-injected-{os.getpid()}-Med-*"))
+    monkeypatch.setenv("MLLMCL_INJECT_WORKER_FAILURE", "RS:2:0")  # kill rank 0 after step 2 of task RS
+    two = run_stream(_cfg(runs_root, stream_overrides, "data.tasks=[RS]", "method.name=lora_ft",
+                          "scaling.num_workers=2", "scaling.checkpoint_every=1"), "ddp-2")
+    markers = list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"mllmcl-injected-{os.getpid()}-RS-*"))
     assert markers, "the failure was not injected"
     for m in markers:
         m.unlink()
@@ -127,18 +129,14 @@ def test_two_workers_match_one_and_a_killed_worker_resumes(ray_session, runs_roo
     # the same weights: data order and seeds are deterministic). Ray Train's report is asynchronous:
     # a rank killed right after reporting step 2 may die before the controller registers that
     # checkpoint, and the group then resumes from step 1's (both seen here)
-    meta = json.loads((Path(two.run_dir) / "tasks" / "1_Med" / "expert" / "meta.json").read_text())
+    meta = json.loads((Path(two.run_dir) / "tasks" / "0_RS" / "expert" / "meta.json").read_text())
     assert meta["resumed_from_step"] in (1, 2) and (meta["steps"], meta["workers"]) == (4, 2)
-    assert json.loads((Path(two.run_dir) / "tasks" / "0_RS" / "expert" / "meta.json").read_text())[
-        "resumed_from_step"] == 0
-    for k, task in enumerate(["RS", "Med"]):
-        w1 = load_peft_weights(str(Path(reference.run_dir) / "tasks" / f"{k}_{task}" / "expert"))
-        w2 = load_peft_weights(str(Path(two.run_dir) / "tasks" / f"{k}_{task}" / "expert"))
-        assert w1.keys() == w2.keys()
-        diff = max(float((w1[n] - w2[n]).abs().max()) for n in w1)
-        assert diff < 1e-4, f"{task}: adapters differ by {diff}"
-    for r1, r2 in zip(reference.matrix.rows, two.matrix.rows):
-        assert all(abs((a or 0) - (b or 0)) <= 1e-9 for a, b in zip(r1, r2))
+    w1 = load_peft_weights(str(Path(reference.run_dir) / "tasks" / "0_RS" / "expert"))
+    w2 = load_peft_weights(str(Path(two.run_dir) / "tasks" / "0_RS" / "expert"))
+    assert w1.keys() == w2.keys()
+    diff = max(float((w1[n] - w2[n]).abs().max()) for n in w1)
+    assert diff < 1e-4, f"RS: adapters differ by {diff}"
+    assert abs(two.matrix.rows[0][0] - reference.matrix.rows[0][0]) <= 1e-9
 
 
 @pytest.mark.s3

@@ -57,6 +57,11 @@ def init_ray(num_cpus: int | None = None) -> None:
         # Ray Train's preemption watcher (one more actor per fit, which logs an error line at
         # start) is off; a user's own setting wins.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Ray Train's controller polls its workers every 2 s by default, and several of those waits
+        # (group started, loop done, group stopped) sit between every fit's steps and the next fit:
+        # measured here, 0.25 s takes ~4 s off each fit (25 s of start-up and tear-down for a 0.3 s
+        # loop, on 2 cores). On one node the polls cost nothing; on a cluster Ray's default stays.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
         # The State API client finds "its" cluster by scanning the machine for Ray processes and
         # fails ("Found multiple active Ray instances") where another Ray runs: name the dashboard.
         port = _free_port()
