@@ -156,3 +156,27 @@ def test_epochs_per_task():
         load_config(None, ["train.epochs_per_task=[1, 3]", "data.tasks=[RS,Med,AD]"])
     with pytest.raises(ConfigError, match="must be > 0"):
         load_config(None, ["train.epochs_per_task=[1, 0, 1, 1, 1]"])
+
+
+def test_task_orders_and_their_problems():
+    from mllmcl.data.streams import ordered
+
+    dcl = ["RS", "Med", "AD", "Sci", "Fin"]
+    assert ordered(dcl, "paper") == dcl and ordered(dcl, "reverse") == dcl[::-1]
+    shuffled = ordered(dcl, "random:1")
+    assert sorted(shuffled) == sorted(dcl) and shuffled != dcl and shuffled == ordered(dcl, "random:1")
+    assert ordered(dcl, "random:2") != shuffled
+    assert load_config(None, ["data.order=[Med,RS,AD,Sci,Fin]"]).data.task_names() == ["Med", "RS", "AD", "Sci", "Fin"]
+    assert load_config(None, ["data.tasks=[RS,Med,AD]", "data.order=reverse"]).data.task_names() == ["AD", "Med", "RS"]
+    assert load_config(None, ["data.order=random:1"]).data.task_names() == shuffled
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.order=sideways"])
+    assert "data.order='sideways'" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.tasks=[RS,Med]", "data.order=[Med,AD]"])
+    assert "['AD'] not among the stream's tasks" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.order=[RS,RS,Med,AD,Sci]"])
+    assert "named more than once" in str(e.value) and "missing" in str(e.value)
+    with pytest.raises(ConfigError, match="integer seed"):
+        load_config(None, ["data.order=random:x"])

@@ -29,6 +29,7 @@ import pytest
 from mllmcl import run_stream
 from mllmcl.config import load_config
 from mllmcl.methods import get_method, registered_methods
+from mllmcl.routing import registered_routers
 from mllmcl.methods.lora_ft import LoraFT
 
 LOCAL = ["scaling.backend=local", "train.lr=0.01", "train.max_steps=30", "method.router_epochs=10"]
@@ -61,18 +62,25 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("contract")
 
 
-@pytest.mark.parametrize("method", registered_methods())
-def test_method_contract(method, root, stream_overrides):
+# every method, and MR-LoRA's experts with every other router (method.router)
+CASES = [*registered_methods(), *(f"mr_lora+{r}" for r in registered_routers() if r != "mllm")]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_method_contract(case, root, stream_overrides):
     from mllmcl.data.source import load_configured_stream
     from mllmcl.methods.base import Stage
     from mllmcl.runner.cache import CachedPredictor, PredictionCache
     from mllmcl.runner.evaluator import EvalWorker
     from mllmcl.storage.layout import RunLayout
 
-    cfg = _cfg(root, stream_overrides, method, ["RS", "Med"])
-    first = run_stream(cfg, f"{method}-a", stop_after=0)  # the driver stops after stage 0 ...
+    method, _, router = case.partition("+")
+    extra = [f"method.router={router}"] if router else []
+    cfg = _cfg(root, stream_overrides, method, ["RS", "Med"], *extra)
+    name = case.replace("+", "-")
+    first = run_stream(cfg, f"{name}-a", stop_after=0)  # the driver stops after stage 0 ...
     assert first.trained_stages in ([0], [])
-    res = run_stream(cfg, f"{method}-a")  # ... and the same run id resumes at stage 1
+    res = run_stream(cfg, f"{name}-a")  # ... and the same run id resumes at stage 1
     assert 0 not in res.trained_stages
     run = Path(res.run_dir)
     manifest = json.loads((run / "manifest.json").read_text())
@@ -88,14 +96,14 @@ def test_method_contract(method, root, stream_overrides):
         assert r[1] == 2 * r[0]
 
     # determinism + no look-ahead: stage 0 does not depend on which task comes next
-    other = run_stream(_cfg(root, stream_overrides, method, ["RS", "AD"]), f"{method}-b", stop_after=0)
+    other = run_stream(_cfg(root, stream_overrides, method, ["RS", "AD"], *extra), f"{name}-b", stop_after=0)
     assert _stage0_fingerprint(Path(other.run_dir)) == _stage0_fingerprint(run)
 
     # state and artifacts restore: a fresh method + evaluation worker answers stage 1 as the run did
     stream = load_configured_stream(cfg.data, progress=False)
     fresh = get_method(method)(cfg, stream)
     fresh.load_state_dict(manifest["stages"][1]["method_state"] or {})
-    layout = RunLayout(cfg.storage.root, f"{method}-a")
+    layout = RunLayout(cfg.storage.root, f"{name}-a")
     formats = [fresh.adapter_format] if fresh.adapter_format else []
     predictor = CachedPredictor(EvalWorker(cfg.model.path, cfg.model.dtype, formats=formats),
                                 PredictionCache(layout, enabled=False), cfg.eval.batch_size)
@@ -122,7 +130,8 @@ def test_method_contract(method, root, stream_overrides):
             samples = {s.uid: s for s in stream.tasks[("RS", "Med").index(task)].test}
             rows = _predictions(run, 1, task)
             routes = ensemble.router.route(ensemble.engine, [eval_prompt(samples[q]) for q, _, _ in rows],
-                                           [samples[q].image for q, _, _ in rows])
+                                           [samples[q].image for q, _, _ in rows],
+                                           truth=[("RS", "Med").index(task)] * len(rows))  # read by the oracle only
             # where the router's answer names no expert, the stream's seeded draw and the service's
             # question hash may pick differently (by design): compare the questions it names
             kept = [(r, e) for r, (_, _, e) in zip(routes, rows) if not r.fallback]

@@ -104,3 +104,48 @@ def test_heatmap_is_a_png():
     m = AccuracyMatrix(tasks=["RS", "Med"], rows=[[80.0, None], [60.0, 90.0]], zero_shot=[10.0, 20.0])
     png = heatmap_png(m, title="test")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_forward_transfer_on_a_hand_computed_matrix():
+    """FWT (GEM): mean over j >= 1 of (score on task j after stage j-1) - (the base model's on j)."""
+    from mllmcl.evaluation.metrics import fwt
+
+    zero_shot = [25.0, 20.0, 40.0]
+    before = [None, 50.0, 30.0]  # R[0][1], R[1][2]: each task before it is trained
+    assert fwt(before, zero_shot) == pytest.approx(((50 - 20) + (30 - 40)) / 2)  # 10
+    assert fwt([None], [10.0]) is None  # one task: nothing comes after
+    assert fwt([None, None, 30.0], zero_shot) is None  # a run that did not probe every task
+    with pytest.raises(ValueError, match="3 forward scores but 2"):
+        fwt(before, zero_shot[:2])
+    m = AccuracyMatrix(tasks=["A", "B", "C"])
+    for row in ({"A": 80.0}, {"A": 60.0, "B": 90.0}, {"A": 50.0, "B": 70.0, "C": 100.0}):
+        m.add_row(row)
+    assert m.metrics()["FWT"] is None  # not measured
+    for j, (b, z) in enumerate(zip(before, zero_shot)):
+        m.set_forward(j, b, z)
+    assert m.metrics()["FWT"] == pytest.approx(10.0)
+    assert {k: v for k, v in m.metrics().items() if k != "FWT"} == \
+        {"MFT": mft(R), "MFN": mfn(R), "MAA": maa(R), "BWT": bwt(R), "forgetting": forgetting(R)}  # unchanged
+    back = AccuracyMatrix.from_dict(m.to_dict())
+    assert back.forward == m.forward and back.zero_shot == m.zero_shot and back.fwt() == m.fwt()
+    assert "before" in m.format_table() and "zero-shot" in m.format_table()
+    with pytest.raises(ValueError, match="task 0"):
+        m.set_forward(0, 10.0, None)
+
+
+def test_stage_records_fill_each_track_without_mixing():
+    from mllmcl.evaluation.metrics import add_stage_record, track_matrices
+
+    ms = track_matrices(["A", "B"], ("native", "exact", "f1"))
+    add_stage_record(ms, {"scores": {"A": 80.0}, "tracks": {"exact": {"A": 40.0}, "f1": {"A": 60.0}},
+                          "forward": {"task": "B", "native": 30.0, "exact": 10.0, "f1": 20.0},
+                          "zero_shot": {"A": {"native": 5.0, "exact": 1.0, "f1": 2.0},
+                                        "B": {"native": 25.0, "exact": 12.0, "f1": 15.0}}})
+    add_stage_record(ms, {"scores": {"A": 70.0, "B": 90.0},
+                          "tracks": {"exact": {"A": 35.0, "B": 50.0}, "f1": {"A": 55.0, "B": 70.0}}})
+    assert ms["native"].rows == [[80.0, None], [70.0, 90.0]] and ms["exact"].rows == [[40.0, None], [35.0, 50.0]]
+    assert ms["native"].fwt() == pytest.approx(30 - 25) and ms["exact"].fwt() == pytest.approx(10 - 12)
+    assert ms["f1"].zero_shot == [2.0, 15.0]
+    with pytest.raises(ValueError, match="not the next task"):
+        add_stage_record(track_matrices(["A", "B", "C"], ("native",)),
+                         {"scores": {"A": 1.0}, "forward": {"task": "C", "native": 1.0}})

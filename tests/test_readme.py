@@ -211,7 +211,7 @@ def test_a_storage_root_elsewhere_and_the_ability_stream(checkout):
 
 def test_compare_the_finished_runs(checkout, default_run):
     out = _ok(sh(COMPARE, checkout))
-    assert "| method | RS | Med | MFT | MFN | MAA | BWT | router |" in out and "| mr_lora |" in out
+    assert "| method | RS | Med | MFT | MFN | MAA | BWT | FWT | router |" in out and "| mr_lora |" in out
     assert f"{default_run}  (report: {default_run / 'report' / 'report.html'})" in out
 
 

@@ -102,3 +102,18 @@ def test_dispatch_by_task_scorer():
     assert S.score("sci", s, "C", "q") == 1.0
     with pytest.raises(KeyError, match="unknown scorer"):
         S.score("bleu", s, "C", "q")
+
+
+def test_exact_match_and_token_f1_as_squad_normalises():
+    from mllmcl.evaluation.scorers import exact_match, normalize_answer, token_f1, track_scores
+
+    assert normalize_answer("The  Cat, sat!") == "cat sat"
+    assert exact_match("the cat.", ["Cat"]) == 1.0 and exact_match("a cat sat", ["cat"]) == 0.0
+    assert exact_match("Yes", ["no", "yes"]) == 1.0  # any acceptable answer
+    # "a red car parked" vs "red car": common 2, precision 2/3 (a is dropped), recall 2/2 -> F1 0.8
+    assert token_f1("a red car parked", ["red car"]) == pytest.approx(0.8)
+    assert token_f1("blue", ["red car"]) == 0.0 and token_f1("", [""]) == 1.0
+    assert token_f1("car red", ["x", "red car"]) == 1.0  # a bag of tokens, the best answer
+    s = Sample(uid="u", task="RS", split="test", image="/i.png", image_rel="i.png", question="q?", answer="farmland")
+    scores = track_scores("rs_ad", s, "The answer is farmland.", "q?")
+    assert scores["native"] == 1.0 and scores["exact"] == 0.0 and 0 < scores["f1"] < 1  # the drift EM shows

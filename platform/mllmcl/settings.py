@@ -72,6 +72,7 @@ class DataConfig:
     stream: str = "dcl"
     root: str = "synthetic"
     tasks: tuple[str, ...] = ()  # empty = the stream's full order
+    order: str | tuple[str, ...] = "paper"  # paper | reverse | random:<seed> | a permutation of the tasks
     verify_images: str = "exists"  # none | exists | decode
     checksum_images: bool = False  # data_release.json: hash every image's bytes (default: names + sizes)
     limit: int = 0  # cap samples per split (0 = all); for smoke tests
@@ -80,6 +81,18 @@ class DataConfig:
     synthetic_image_size: int = 64
     synthetic_seed: int = 0
 
+    def task_names_in_stream(self) -> list[str]:
+        """The tasks ``data.tasks`` selects (all of the stream's), before ``data.order``."""
+        from mllmcl.data.streams import STREAMS
+
+        return list(self.tasks) or STREAMS[self.stream].task_names
+
+    def task_names(self) -> list[str]:
+        """The stream's tasks as the run meets them: ``data.tasks`` in ``data.order``."""
+        from mllmcl.data.streams import ordered
+
+        return ordered(self.task_names_in_stream(), self.order)
+
     def check(self) -> list[str]:
         from mllmcl.data.streams import STREAMS
 
@@ -87,10 +100,14 @@ class DataConfig:
         if self.stream not in STREAMS:
             p.append(f"data.stream={self.stream!r}: unknown stream, expected one of {sorted(STREAMS)}")
         else:
+            from mllmcl.data.streams import order_problems
+
             bad = [t for t in self.tasks if t not in STREAMS[self.stream].task_names]
             if bad:
                 p.append(f"data.tasks: unknown task(s) {bad} for stream {self.stream!r}, "
                          f"expected names from {STREAMS[self.stream].task_names}")
+            else:
+                p += order_problems(self.task_names_in_stream(), self.order)
         if self.verify_images not in ("none", "exists", "decode"):
             p.append(f"data.verify_images={self.verify_images!r}: expected one of none, exists, decode")
         for k in ("limit", "synthetic_train", "synthetic_test"):
@@ -188,6 +205,9 @@ class EvalConfig:
     batch_size: int = 100
     max_new_tokens: int = 0  # 0 = the task's own limit (BENCHMARK.md)
     cache_predictions: bool = True  # reuse an adapter's answers to a test sample at later stages
+    # stage k also answers task k+1 (never trained on) and the base model answers every task once:
+    # forward transfer (FWT) in the metrics; costs one more task's test set per stage
+    forward_transfer: bool = True
 
     def check(self) -> list[str]:
         p = []
@@ -351,6 +371,23 @@ def _coerce(value: Any, tp, where: str, problems: list[str]):
         problems.append(f"{where}: expected a string, got {type(value).__name__} {value!r}")
         return ""
     return value
+
+
+# settings that may change when a run is resumed (they do not change its results)
+RESUMABLE_CHANGES = ("run.progress", "run.schedule", "scaling.", "train.gradient_checkpointing", "eval.batch_size",
+                     "storage.root", "data.checksum_images")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config mapping as dotted keys (``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def _build(cls, data: Any, where: str, problems: list[str]):

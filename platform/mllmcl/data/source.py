@@ -24,5 +24,5 @@ def resolve_root(data_cfg, progress: bool = True) -> str:
 
 def load_configured_stream(data_cfg, progress: bool = True) -> Stream:
     root = resolve_root(data_cfg, progress=progress)
-    return load_stream(root, data_cfg.stream, tasks=data_cfg.tasks or None,
+    return load_stream(root, data_cfg.stream, tasks=data_cfg.task_names(),
                        verify_images=data_cfg.verify_images, limit=data_cfg.limit or None)

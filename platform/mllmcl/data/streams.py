@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
+from typing import Sequence
 
 from mllmcl.data.types import TaskSpec
 
@@ -78,3 +80,50 @@ def get_stream_spec(name: str) -> StreamSpec:
     if key not in STREAMS:
         raise KeyError(f"unknown stream {name!r}: expected one of {sorted(STREAMS)}")
     return STREAMS[key]
+
+
+ORDERS = ("paper", "reverse", "random:<seed>", "a list of the tasks' names")
+
+
+def order_problems(names: Sequence[str], order: str | Sequence[str]) -> list[str]:
+    """What is wrong with ``order`` (``data.order``) for the tasks ``names`` (empty: nothing)."""
+    if isinstance(order, str):
+        if order in ("paper", "reverse"):
+            return []
+        if order.startswith("random:"):
+            seed = order.split(":", 1)[1]
+            return [] if seed.lstrip("-").isdigit() else [f"data.order={order!r}: random:<seed> needs an integer seed"]
+        if "," not in order:
+            return [f"data.order={order!r}: expected one of {', '.join(ORDERS)}"]
+        order = [t.strip() for t in order.split(",") if t.strip()]
+    given = list(order)
+    problems = []
+    unknown = [t for t in given if t not in names]
+    if unknown:
+        problems.append(f"data.order: {unknown} not among the stream's tasks {list(names)}")
+    twice = sorted({t for t in given if given.count(t) > 1})
+    if twice:
+        problems.append(f"data.order: {twice} named more than once")
+    missing = [t for t in names if t not in given]
+    if missing and not unknown:
+        problems.append(f"data.order: a permutation of {list(names)} is expected; {missing} missing")
+    return problems
+
+
+def ordered(names: Sequence[str], order: str | Sequence[str]) -> list[str]:
+    """The tasks ``names`` (the stream's, or ``data.tasks``, in their order) in the order
+    ``data.order`` asks for: ``paper`` keeps them, ``reverse`` reverses them, ``random:<seed>``
+    shuffles them with that seed (the same permutation on every machine), a list is taken as
+    given (a permutation of ``names``)."""
+    problems = order_problems(names, order)
+    if problems:
+        raise ValueError("; ".join(problems))
+    if order == "paper":
+        return list(names)
+    if order == "reverse":
+        return list(reversed(names))
+    if isinstance(order, str) and order.startswith("random:"):
+        out = list(names)
+        random.Random(int(order.split(":", 1)[1])).shuffle(out)
+        return out
+    return [t.strip() for t in order.split(",")] if isinstance(order, str) else list(order)

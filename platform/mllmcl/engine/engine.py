@@ -11,7 +11,10 @@
   ``adapter_names``) where the family allows it (:meth:`Engine.one_forward`); with
   ``mixed=False`` rows are grouped by adapter. ``batch_size`` splits either into batches.
 - **Embeddings**: the base language model's last hidden state, mean-pooled over a text's
-  tokens and L2-normalised (a router's features).
+  tokens and L2-normalised (a router's features). **Features** of an image + question pair
+  from one forward of the base model (no adapter): the projected image features (the
+  language model's inputs at the image's positions, mean-pooled) and the final layer's
+  hidden states mean-pooled over the whole sequence (routers' features).
 """
 
 from __future__ import annotations
@@ -100,7 +103,8 @@ class Engine:
             pinned = next((n for n, u in self.adapters.items() if u == uri and n not in self._cached.values()), None)
             if pinned is not None:  # loaded under the caller's name (a replica's router)
                 return pinned
-            key = f"{uri}#{hashlib.sha256(storage.read_bytes(storage.join(uri, META))).hexdigest()[:12]}"
+            meta = storage.join(uri, META)  # digest and time: an adapter written anew at the same place is new
+            key = f"{uri}#{hashlib.sha256(storage.read_bytes(meta)).hexdigest()[:12]}#{storage.modified(meta)}"
             if key in self._cached:
                 self._cached.move_to_end(key)
                 return self._cached[key]
@@ -246,6 +250,48 @@ class Engine:
                 mask = enc["attention_mask"].unsqueeze(-1).float()
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
                 out.extend(torch.nn.functional.normalize(pooled, dim=-1).cpu().tolist())
+        return out
+
+
+    def shape(self, prompts: Sequence[str], images: Sequence) -> dict:
+        """What a router's compute is counted from: the base model's parameters (all, and its
+        language model's), hidden size, and the mean tokens of ``prompts`` read with their images
+        (``prompt_tokens``) and alone (``text_tokens``)."""
+        lm = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
+        batch = self.collator.prompt_batch(list(prompts), self.pixels(list(images)))
+        text = self.tok(list(prompts), padding=True, truncation=True, max_length=self.collator.max_length)
+        n = max(1, len(prompts))
+        hidden = getattr(getattr(self.model.config, "text_config", self.model.config), "hidden_size", None)
+        return {"params": sum(p.numel() for p in self.model.parameters()),
+                "lm_params": sum(p.numel() for p in lm.parameters()), "hidden": hidden,
+                "prompt_tokens": float(batch["attention_mask"].sum()) / n,
+                "text_tokens": float(sum(sum(m) for m in text["attention_mask"])) / n}
+
+    @torch.no_grad()
+    def features(self, prompts: Sequence[str], images: Sequence, batch_size: int = 32) -> dict[str, list[list[float]]]:
+        """Per (question, image), from one forward of the base model (no adapter): ``image``, the
+        mean of the language model's input embeddings at the image's token positions (what the
+        projector made of the image); ``hidden``, the final layer's hidden states mean-pooled over
+        the sequence (the question read with its image). Neither is normalised."""
+        image_token = getattr(self.model.config, "image_token_id", None)
+        if image_token is None:
+            image_token = getattr(self.model.config, "image_token_index", None)
+        _, ctx, _ = self._activate([None])
+        out: dict[str, list[list[float]]] = {"image": [], "hidden": []}
+        with ctx:
+            for start in range(0, len(prompts), batch_size):
+                batch = self.collator.prompt_batch(list(prompts[start:start + batch_size]),
+                                                   self.pixels(list(images[start:start + batch_size])))
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                res = self.model(**batch, output_hidden_states=True, return_dict=True)
+                first, last = res.hidden_states[0].float(), res.hidden_states[-1].float()
+                mask = batch["attention_mask"].unsqueeze(-1).float()
+                out["hidden"].extend(((last * mask).sum(1) / mask.sum(1).clamp(min=1.0)).cpu().tolist())
+                at_image = (batch["input_ids"] == image_token).unsqueeze(-1).float() if image_token is not None \
+                    else torch.zeros_like(mask)
+                if float(at_image.sum()) == 0:  # the family puts image features elsewhere: the sequence's mean
+                    at_image = mask
+                out["image"].extend(((first * at_image).sum(1) / at_image.sum(1).clamp(min=1.0)).cpu().tolist())
         return out
 
 

@@ -12,7 +12,8 @@ import yaml
 
 from mllmcl import storage
 from mllmcl.errors import ConfigError
-from mllmcl.evaluation.metrics import AccuracyMatrix
+from mllmcl.evaluation.metrics import AccuracyMatrix, add_stage_record, track_matrices
+from mllmcl.evaluation.scorers import TRACKS
 from mllmcl.evaluation.predictions import PredictionRow, read_predictions
 from mllmcl.paths import absolute
 
@@ -39,11 +40,18 @@ class RunRecord:
 
     @property
     def matrix(self) -> AccuracyMatrix:
-        """The accuracy matrix so far (one row per complete stage)."""
-        m = AccuracyMatrix(tasks=list(self.tasks))
+        """The accuracy matrix so far (one row per complete stage; native scoring track)."""
+        return self.track_matrix("native")
+
+    def track_matrix(self, track: str) -> AccuracyMatrix:
+        """The accuracy matrix so far on a scoring track (native, exact, f1), with the forward and
+        zero-shot scores the stages recorded."""
+        if track not in TRACKS:
+            raise ValueError(f"unknown scoring track {track!r}: expected one of {TRACKS}")
+        matrices = track_matrices(self.tasks, ("native", track) if track != "native" else ("native",))
         for s in sorted(self.stages, key=lambda s: s["k"]):
-            m.add_row(s["scores"])
-        return m
+            add_stage_record(matrices, s)
+        return matrices[track]
 
     def predictions(self, stage: int, task: str) -> list[PredictionRow]:
         """Per-sample predictions on ``task`` after ``stage`` (prompt, prediction, answer, score, expert)."""

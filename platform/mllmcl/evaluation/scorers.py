@@ -1,4 +1,5 @@
-"""Per-task scoring rules of the MLLM-CL reference implementation (BENCHMARK.md).
+"""Per-task scoring rules of the MLLM-CL reference implementation (BENCHMARK.md), and the two
+task-independent tracks beside them (exact match and token F1, normalised as SQuAD does).
 
 Each scorer takes the prediction text and the sample and returns a score in [0, 1].
 """
@@ -6,6 +7,10 @@ Each scorer takes the prediction text and the sample and returns a score in [0, 
 from __future__ import annotations
 
 import os
+import re
+import string
+from collections import Counter
+from typing import Sequence
 
 from mllmcl.data.types import Sample
 from mllmcl.evaluation.extract import extract_choice, extract_number, parse_choices
@@ -140,3 +145,44 @@ def score(scorer: str, sample: Sample, prediction: str, prompt: str) -> float:
 
 
 SCORERS: tuple[str, ...] = ("rs_ad", "med", "sci", "fin", "ocrbench", "count", "math", "choice")
+
+
+# --------------------------------------------------------------------------- the other tracks
+
+TRACKS: tuple[str, ...] = ("native", "exact", "f1")  # native: the task's own rule (above)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1 if the normalised prediction equals any normalised acceptable answer."""
+    p = normalize_answer(prediction)
+    return float(any(p == normalize_answer(a) for a in answers))
+
+
+def _f1(prediction: str, answer: str) -> float:
+    p, a = normalize_answer(prediction).split(), normalize_answer(answer).split()
+    if not p or not a:
+        return float(p == a)
+    common = sum((Counter(p) & Counter(a)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(a)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, answers: Sequence[str]) -> float:
+    """SQuAD's token F1 (bag of normalised tokens), the best over the acceptable answers."""
+    return max((_f1(prediction, a) for a in answers), default=0.0)
+
+
+def track_scores(spec_scorer: str, sample: Sample, prediction: str, prompt: str) -> dict[str, float]:
+    """One prediction on every track: the task's native rule, exact match and token F1."""
+    return {"native": score(spec_scorer, sample, prediction, prompt),
+            "exact": exact_match(prediction, sample.answers), "f1": token_f1(prediction, sample.answers)}

@@ -65,6 +65,9 @@ class Stage:
     cfg: RunConfig
     trained: dict[str, dict] = field(default_factory=dict)  # output URI -> its fit's log (steps, seconds...)
     router_fit_seconds: float | None = None  # set by fit_router: the router's fine-tunes + fit, this stage
+    # the next task, answered (never trained on or fitted to) for forward transfer: the runner sets it
+    # after the stage's fits and ``finish``, for ``answer`` only (eval.forward_transfer)
+    probe: Task | None = None
 
     @property
     def task(self) -> Task:
@@ -73,6 +76,11 @@ class Stage:
     @property
     def seen(self) -> Sequence[Task]:
         return self.stream.tasks[: self.k + 1]
+
+    @property
+    def answered(self) -> Sequence[Task]:
+        """The tasks ``answer`` answers: the seen ones, then the probe (if any)."""
+        return [*self.seen, self.probe] if self.probe is not None else self.seen
 
     def expert_uri(self, k: int | None = None) -> str:
         k = self.k if k is None else k
@@ -128,6 +136,9 @@ class Predictor(Protocol):
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """L2-normalised text embeddings from the base model (no adapter)."""
 
+    def features(self, prompts: Sequence[str], images: Sequence) -> dict[str, list[list[float]]]:
+        """Pooled image and hidden-state features of (question, image) pairs from the base model."""
+
 
 class CLMethod:
     """Base class with the protocol's defaults: no options, no finishing step, no state of its own
@@ -176,9 +187,9 @@ def max_tokens(stage: Stage, task: Task) -> int:
 
 
 def answer_with(stage: Stage, predictor: Predictor, adapter: str | None) -> Answers:
-    """Every seen task answered by one adapter (or the base model)."""
+    """Every seen task (and the probe) answered by one adapter (or the base model)."""
     preds, experts = {}, {}
-    for task in stage.seen:
+    for task in stage.answered:
         preds[task.name] = predictor.generate(task.test, [adapter] * len(task.test), max_tokens(stage, task))
         experts[task.name] = [adapter] * len(task.test)
     return Answers(preds, experts)
@@ -217,17 +228,25 @@ def routed_answer(stage: Stage, predictor: Predictor, router, rng_for=None) -> A
     Every seen task's test questions are routed (``rng_for(j)``: the fallback's seeded draw
     for task j, if the router has one), answered by the chosen experts, and by expert j for
     the oracle. Reports routing accuracy (overall and per task), fallbacks and the router's
-    cost; the expert answers come from the prediction cache when known.
+    cost; the expert answers come from the prediction cache when known. The probe (a task
+    not seen yet, for forward transfer) is routed among the seen experts and answered, and
+    counts in none of the routing numbers (it has no expert of its own).
     """
     experts = [stage.expert_uri(i) for i in range(stage.k + 1)]
     preds, used, oracle, per_task = {}, {}, {}, {}
     right = total = fallbacks = 0
-    for j, task in enumerate(stage.seen):
+    seconds, questions = router.seconds, router.questions
+    for j, task in enumerate(stage.answered):
         routes = router.route(predictor, [eval_prompt(s) for s in task.test], [s.image for s in task.test],
-                              rng_for(j) if rng_for is not None else None)
+                              rng_for(j) if rng_for is not None else None,
+                              truth=[j] * len(task.test) if j <= stage.k else None if not router.needs_truth else
+                              [stage.k] * len(task.test))  # the oracle's probe: the newest expert
         choices = [r.index for r in routes]
         used[task.name] = [experts[c] for c in choices]
         preds[task.name] = predictor.generate(task.test, used[task.name], max_tokens(stage, task))
+        if j > stage.k:  # the probe
+            continue
+        seconds, questions = router.seconds, router.questions
         oracle[task.name] = predictor.generate(task.test, [experts[j]] * len(task.test), max_tokens(stage, task))
         hits = sum(c == j for c in choices)
         per_task[task.name] = 100.0 * hits / max(1, len(choices))
@@ -235,5 +254,22 @@ def routed_answer(stage: Stage, predictor: Predictor, router, rng_for=None) -> A
     info = {"router": router.kind, "router_accuracy": 100.0 * right / max(1, total),
             "router_accuracy_per_task": per_task, "router_fallbacks": fallbacks,
             "router_fit_seconds": stage.router_fit_seconds,
-            "router_seconds_per_question": router.seconds_per_question()}
+            "router_seconds_per_question": seconds / questions if questions else None,
+            "router_flops_per_question": router_flops(router, predictor, stage.seen[-1].test[:8]),
+            "router_confusion": confusion(stage, used)}
     return Answers(preds, used, info, oracle=oracle)
+
+
+def router_flops(router, predictor, samples: Sequence[Sample]) -> float | None:
+    """The router's compute per question, counted on a few test questions of the newest task."""
+    if not samples or len(router.experts) == 1 or not hasattr(predictor, "shape"):
+        return 0.0 if len(router.experts) == 1 else None
+    prompts = router.cost_prompts([eval_prompt(s) for s in samples])
+    return router.flops_per_question(predictor.shape(prompts, [s.image for s in samples]))
+
+
+def confusion(stage: Stage, used: dict[str, list[str]]) -> dict[str, dict[str, int]]:
+    """Seen task -> expert (by its task) -> how many of the task's questions were routed there."""
+    names = {stage.expert_uri(i): t.name for i, t in enumerate(stage.seen)}
+    return {t.name: {e.name: sum(names[u] == e.name for u in used[t.name]) for e in stage.seen}
+            for t in stage.seen}

@@ -117,7 +117,7 @@ def stand_in_stream(cfg, train: int | None = None, test: int | None = None) -> t
         except Exception:  # noqa: BLE001  (not on this machine: the counts below)
             pass
     spec = get_stream_spec(cfg.data.stream)
-    names = list(cfg.data.tasks) or [t.name for t in spec.tasks]
+    names = cfg.data.task_names()
     a_train, a_test = ASSUMED_COUNTS.get(spec.name, (10_000, 1_000))
     if cfg.data.limit:
         a_train, a_test = min(a_train, cfg.data.limit), min(a_test, cfg.data.limit)
@@ -174,6 +174,11 @@ class CountingBackend:
             v[self._task(t)] = 1.0
             out.append(v)
         return out
+
+    def features(self, prompts, images):
+        """A base forward per (question, image): counted like an embedding, one-hot by task."""
+        vecs = self.embed(prompts)
+        return {"image": vecs, "hidden": vecs}
 
 
 class ModelledExecutor:

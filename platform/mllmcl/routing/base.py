@@ -69,6 +69,17 @@ class RouterBackend(Protocol):
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
 
+    def features(self, prompts: Sequence[str], images: Sequence) -> dict[str, list[list[float]]]: ...
+
+
+def sample_indices(n: int, per_task: int, *seed: int) -> list[int]:
+    """``per_task`` of a task's ``n`` train samples, drawn by ``seed`` alone (sorted indices): a
+    router's fitting samples for that task, the same whichever tasks come after it."""
+    import numpy as np
+
+    k = min(per_task, n)
+    return sorted(np.random.default_rng(list(seed)).choice(n, k, replace=False).tolist())
+
 
 def fallback_index(rule: str, n_experts: int, seed: int, question: str, rng=None) -> int:
     """The expert for a router output that names none (the one place the rule lives).
@@ -129,16 +140,35 @@ class Router:
         """The texts the router's model reads (a service checks them against the context), if any."""
         return None
 
-    def route(self, backend: RouterBackend, questions: Sequence[str], images: Sequence, rng=None) -> list[Route]:
+    needs_truth = False  # routes by each question's true task (the oracle): an evaluation bound, not a router
+
+    def route(self, backend: RouterBackend, questions: Sequence[str], images: Sequence, rng=None,
+              truth: Sequence[int] | None = None) -> list[Route]:
+        """The expert of each question. ``truth``: each question's task index, given by the stream's
+        evaluation (only the oracle reads it); a request to a service carries none."""
+        if self.needs_truth and truth is None and len(self.experts) > 1:
+            raise ValueError(f"the {self.kind!r} router routes by each question's task, which this request does "
+                             f"not name (name one of {self.experts} as the model, or serve a run with a real router)")
         t0 = time.perf_counter()
         out = [Route(0, "", False)] * len(questions) if len(self.experts) == 1 else \
-            self.select(backend, list(questions), list(images), rng)
+            self.select(backend, list(questions), list(images), rng, truth)
         self.seconds += time.perf_counter() - t0
         self.questions += len(questions)
         return out
 
-    def select(self, backend: RouterBackend, questions: list[str], images: list, rng=None) -> list[Route]:
+    def select(self, backend: RouterBackend, questions: list[str], images: list, rng=None,
+               truth: Sequence[int] | None = None) -> list[Route]:
         raise NotImplementedError
+
+    def cost_prompts(self, questions: Sequence[str]) -> list[str]:
+        """The texts whose token counts the router's compute depends on (its model's prompts)."""
+        return list(questions)
+
+    def flops_per_question(self, shape: dict) -> float | None:
+        """The router's compute per question, counted from the base model's ``shape`` (``params``,
+        ``lm_params``, ``hidden``, ``prompt_tokens``, ``text_tokens``: what the stream's engine
+        measured), as 2 FLOPs per parameter and token; None where it cannot be counted."""
+        return None
 
     def seconds_per_question(self) -> float | None:
         """The measured routing time per question so far (None before any)."""

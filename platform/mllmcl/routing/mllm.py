@@ -101,7 +101,7 @@ class MLLMRouter(Router):
     def prompts(self, questions: Sequence[str]) -> list[str]:
         return [router_prompt(self.specs, q) for q in questions]
 
-    def select(self, backend, questions: list[str], images: list, rng=None) -> list[Route]:
+    def select(self, backend, questions: list[str], images: list, rng=None, truth=None) -> list[Route]:
         raw = backend.complete(self.prompts(questions), images, self.adapter, self.max_new_tokens)
         out = []
         for q, answer in zip(questions, raw):
@@ -109,3 +109,10 @@ class MLLMRouter(Router):
             out.append(Route(idx, answer, False) if idx is not None else
                        Route(fallback_index(self.fallback, len(self.experts), self.seed, q, rng), answer, True))
         return out
+
+    def cost_prompts(self, questions: Sequence[str]) -> list[str]:
+        return self.prompts(questions)
+
+    def flops_per_question(self, shape: dict) -> float:
+        # the base model (+ a router LoRA, negligible) reads the router prompt with the image and writes a letter
+        return 2.0 * shape["params"] * (shape["prompt_tokens"] + self.max_new_tokens)

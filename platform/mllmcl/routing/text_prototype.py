@@ -62,6 +62,10 @@ class TextPrototypeRouter(Router):
                                            for p in self.record["prototypes"]])
         return self._prototypes
 
-    def select(self, backend, questions: list[str], images: list, rng=None) -> list[Route]:
+    def select(self, backend, questions: list[str], images: list, rng=None, truth=None) -> list[Route]:
         q = np.asarray(backend.embed(questions), dtype=np.float64)
         return [Route(int(i), "", False) for i in (q @ self.prototypes().T).argmax(axis=1).tolist()]
+
+    def flops_per_question(self, shape: dict) -> float:
+        # one language-model pass over the question, T dot products
+        return 2.0 * (shape["lm_params"] * shape["text_tokens"] + len(self.experts) * shape["hidden"])

@@ -162,3 +162,9 @@ class CachedPredictor:
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         return self._call("embed", list(texts), self.batch_size)
+
+    def features(self, prompts: Sequence[str], images: Sequence[str]) -> dict[str, list[list[float]]]:
+        return self._call("features", list(prompts), list(images), self.batch_size)
+
+    def shape(self, prompts: Sequence[str], images: Sequence[str]) -> dict:
+        return self._call("shape", list(prompts), list(images))

@@ -18,6 +18,14 @@ class EvalWorker:
     def ready(self) -> bool:
         return True
 
+    def reset(self) -> bool:
+        """Ready for the next run of the same driver (the base stays loaded): images are read
+        again; adapters stay cached by URI, ``meta.json``'s digest and its modification time,
+        so an adapter written anew (a run deleted and made again) is loaded anew."""
+        self.engine.pixel_cache = type(self.engine.pixel_cache)(self.engine.collator.images,
+                                                                self.engine.pixel_cache.load)
+        return True
+
     def generate(self, prompts: Sequence[str], images: Sequence[str], adapters: Sequence[str | None],
                  max_new_tokens: int, batch_size: int = 64) -> list[str]:
         """Greedy answers; ``adapters[i]`` is the adapter URI for row i (None = the base model). Rows
@@ -35,3 +43,9 @@ class EvalWorker:
 
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> list[list[float]]:
         return self.engine.embed(texts, batch_size)
+
+    def features(self, prompts: Sequence[str], images: Sequence[str], batch_size: int = 32) -> dict:
+        return self.engine.features(prompts, images, batch_size)
+
+    def shape(self, prompts: Sequence[str], images: Sequence[str]) -> dict:
+        return self.engine.shape(prompts, images)

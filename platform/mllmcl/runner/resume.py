@@ -9,22 +9,10 @@ from mllmcl.config import Config
 from mllmcl.errors import ConfigError
 from mllmcl.paths import SYNTHETIC_DATA, TINY_MODEL, absolute
 from mllmcl.provenance import config_hash
+from mllmcl.settings import RESUMABLE_CHANGES
+from mllmcl.settings import flatten as _flatten
 from mllmcl.storage.layout import RunLayout
 from mllmcl.storage.manifest import Manifest
-
-# settings that may change when a run is resumed (they do not change its results)
-RESUMABLE_CHANGES = ("run.progress", "run.schedule", "scaling.", "train.gradient_checkpointing", "eval.batch_size", "storage.root", "data.checksum_images")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def identity(cfg: Config) -> dict:

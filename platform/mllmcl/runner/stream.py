@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import yaml
@@ -22,10 +23,11 @@ from mllmcl.config import Config, absolute_paths
 from mllmcl.data.checksums import release_changes, release_manifest
 from mllmcl.data.source import load_configured_stream
 from mllmcl.errors import ConfigError
-from mllmcl.evaluation.metrics import AccuracyMatrix
+from mllmcl.evaluation.metrics import AccuracyMatrix, add_stage_record, track_matrices
 from mllmcl.evaluation.predictions import score_predictions, write_predictions
+from mllmcl.evaluation.scorers import TRACKS
 from mllmcl.methods import get_method
-from mllmcl.methods.base import NotServable, Stage
+from mllmcl.methods.base import NotServable, Stage, max_tokens
 from mllmcl.models.adapters import adapter_exists
 from mllmcl.models.loading import resolve_checkpoint
 from mllmcl.provenance import config_hash, provenance
@@ -48,6 +50,33 @@ class StreamResult:
     metrics: dict
     trained_stages: list[int] = field(default_factory=list)
     seconds: float = 0.0
+
+
+_REPLICAS: dict[tuple, list] = {}  # this driver's evaluation replicas, by what they hold, for its next runs
+
+
+def eval_replicas(model_path: str, dtype: str, sc, formats) -> list:
+    """``sc.eval_replicas`` evaluation actors holding the base at ``model_path``: an earlier run's
+    of this driver on this cluster when they hold the same base, dtype, threads, resources and
+    adapter format (reset: no adapter or image of that run stays), else new ones."""
+    import ray
+
+    from mllmcl.cluster import forwarded_env
+    from mllmcl.runner.evaluator import EvalWorker
+
+    env = forwarded_env()
+    key = (ray.get_runtime_context().get_job_id(), model_path, dtype, sc.threads_per_worker, sc.eval_cpus,
+           sc.eval_gpus, tuple(getattr(f, "name", str(f)) for f in formats), tuple(sorted(env.items())))
+    pool = _REPLICAS.setdefault(key, [])
+    try:
+        ray.get([w.reset.remote() for w in pool])
+    except ray.exceptions.RayActorError:  # one died (killed, its node gone): start afresh
+        pool.clear()
+    actor = ray.remote(EvalWorker).options(num_cpus=sc.eval_cpus, num_gpus=sc.eval_gpus,
+                                           runtime_env={"env_vars": env})
+    pool.extend(actor.remote(model_path, dtype, sc.threads_per_worker or 0, formats)
+                for _ in range(sc.eval_replicas - len(pool)))
+    return pool[:sc.eval_replicas]
 
 
 def prepare(cfg: Config):
@@ -125,12 +154,10 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
     formats = [method.adapter_format] if method.adapter_format is not None else []
 
     def start_replicas() -> None:
-        """Create the evaluation actors (they load the base while the first fits train)."""
+        """Create the evaluation actors (they load the base while the first fits train), or take
+        the ones an earlier run of this driver left, reset (a notebook's or a test session's runs)."""
         if sc.backend == "ray" and not replicas:
-            actor = ray.remote(EvalWorker).options(num_cpus=sc.eval_cpus, num_gpus=sc.eval_gpus,
-                                                   runtime_env={"env_vars": forwarded_env()})
-            replicas.extend(actor.remote(model_path, cfg.model.dtype, sc.threads_per_worker or 0, formats)
-                            for _ in range(sc.eval_replicas))
+            replicas.extend(eval_replicas(model_path, cfg.model.dtype, sc, formats))
 
     def evaluation() -> CachedPredictor:
         """The evaluation replicas, started when the first stage needs them (a finished run needs none)."""
@@ -146,7 +173,9 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
                                         cfg.eval.batch_size)
         return predictor
 
-    matrix = AccuracyMatrix(tasks=stream.task_names)
+    matrices = track_matrices(stream.task_names, TRACKS)  # one per scoring track, never mixed
+    matrix = matrices["native"]  # the tasks' own rules: MLLM-CL's numbers
+    add_stage = partial(add_stage_record, matrices)
     oracle_rows: list[dict] = []
     stage_info: list[dict] = []
     trained: list[int] = []
@@ -162,7 +191,7 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
             if "serving" not in done:  # a run made before stages recorded it
                 done["serving"] = serving_record(method, stage)
                 manifest.save(layout)
-            matrix.add_row(done["scores"])
+            add_stage(done)
             oracle_rows.append(done.get("oracle") or {})
             stage_info.append(done.get("info") or {})
             method.load_state_dict(done.get("method_state") or {})
@@ -196,19 +225,26 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
         predictor = evaluation()
         t_eval, shards = time.time(), len(predictor.shards)
         method.finish(stage, predictor)
+        if cfg.eval.forward_transfer and k + 1 < len(stream):
+            stage.probe = stream.tasks[k + 1]  # answered, never trained on: forward transfer
         answers = method.answer(stage, predictor)
-        scores, oracle = {}, {}
+        scores, tracks, oracle = {}, {t: {} for t in TRACKS if t != "native"}, {}
         for j, seen in enumerate(stage.seen):
             experts = [relative_adapter(a, layout.run_dir) for a in answers.experts[seen.name]]
             ev = score_predictions(seen.spec, seen.test, answers.predictions[seen.name], stage=k, experts=experts)
             write_predictions(ev.rows, layout.predictions(k, seen.name))
             scores[seen.name] = ev.accuracy
+            for t, v in ev.tracks().items():
+                if t != "native":
+                    tracks[t][seen.name] = v
             if answers.oracle is not None:
                 oracle[seen.name] = score_predictions(seen.spec, seen.test, answers.oracle[seen.name]).accuracy
+        forward, zero_shot = forward_scores(stage, answers, predictor, k == 0)
         predictor.cache.flush()
         t_end = time.time()
         begun = min([t_eval] + [t["started"] for t in train_logs[k] if "started" in t])
-        manifest.complete_stage({"k": k, "task": task.name, "scores": scores, "oracle": oracle, "info": answers.info,
+        manifest.complete_stage({"k": k, "task": task.name, "scores": scores, "tracks": tracks, "forward": forward,
+                                 "zero_shot": zero_shot, "oracle": oracle, "info": answers.info,
                                  "train": train_logs[k], "method_state": states[k],
                                  "serving": serving_record(method, stage), "seconds": round(t_end - begun, 1),
                                  "eval_seconds": round(t_end - t_eval, 1), "eval_started": round(t_eval, 3),
@@ -216,7 +252,27 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
         manifest.save(layout)  # last: the stage is complete once this is written
         log.info("stage %d %s done in %.0fs: %s", k + 1, task.name, t_end - begun,
                  ", ".join(f"{n} {v:.1f}" for n, v in scores.items()))
-        return {"scores": scores, "oracle": oracle, "info": answers.info}
+        return {"scores": scores, "tracks": tracks, "forward": forward, "zero_shot": zero_shot, "oracle": oracle,
+                "info": answers.info}
+
+    def forward_scores(stage: Stage, answers, predictor, first: bool) -> tuple[dict, dict]:
+        """The probe's scores (every track) and the base model's on the probe (and, at stage 0, on
+        task 0), their predictions written to ``eval/forward`` and ``eval/zero_shot``."""
+        forward, zero_shot = {}, {}
+        probe = stage.probe
+        if probe is not None and probe.name in answers.predictions:
+            experts = [relative_adapter(a, layout.run_dir) for a in answers.experts[probe.name]]
+            ev = score_predictions(probe.spec, probe.test, answers.predictions[probe.name], stage=stage.k,
+                                   experts=experts)
+            write_predictions(ev.rows, layout.predictions("forward", probe.name))
+            forward = {"task": probe.name, **ev.tracks()}
+        if cfg.eval.forward_transfer:
+            for task in ([stage.task] if first else []) + ([probe] if probe is not None else []):
+                preds = predictor.generate(task.test, [None] * len(task.test), max_tokens(stage, task))
+                ev = score_predictions(task.spec, task.test, preds, stage=-1, experts=["base"] * len(task.test))
+                write_predictions(ev.rows, layout.predictions("zero_shot", task.name))
+                zero_shot[task.name] = ev.tracks()
+        return forward, zero_shot
 
     def run_job(job: Job):
         if job.lane == "fit":
@@ -238,7 +294,7 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
             storage.write_json(layout.path("fits", f"{req.stage}_{req.kind}_{plan_index[id(req)]}.json"), entry)
             trained.append(req.stage)
             return False
-        matrix.add_row(result["scores"])
+        add_stage(result)
         oracle_rows.append(result["oracle"])
         stage_info.append(result["info"])
         if on_stage is not None:
@@ -269,7 +325,7 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
         return StreamResult(run_id, layout.run_dir, matrix, storage.read_json(layout.metrics), [],
                             time.time() - t_start)
     metrics = run_metrics(cfg, stream.task_names, matrix, oracle_rows, stage_info,
-                          generated=predictor.generated if predictor else 0,
+                          tracks={t: m for t, m in matrices.items() if t != "native"}, generated=predictor.generated if predictor else 0,
                           cache_hits=predictor.cache.hits if predictor else 0)
     write_outputs(layout, cfg, stream.name, run_id, matrix, metrics, prov)
     manifest.status = "complete"

@@ -207,7 +207,10 @@ class _TokenCounter:
 @serve.ingress(api)
 class _Ingress:
     def __init__(self, run: ServedRun, cfg: ServeConfig, router, pool):
+        from mllmcl.routing import get_router
+
         self.run, self.cfg, self.router, self.pool = run, cfg, router, pool
+        self.needs_task = run.router is not None and get_router(run.router["kind"]).needs_truth
         self.names = list(run.experts)
         self.limits = cfg.limits
         self._tokens = _TokenCounter(run, cfg)
@@ -248,6 +251,10 @@ class _Ingress:
             routing: dict = {"mode": "single", "stage": self.run.stage}
             if req.model is not None:
                 expert, routing = req.model, {"mode": "pinned", "stage": self.run.stage}
+            elif self.needs_task:
+                raise RequestError(400, "this run routes with the oracle (each question to its own task's expert), "
+                                        "an evaluation bound that needs the question's task: name the expert as the "
+                                        f"model (one of {self.names})", "model")
             elif self.router is None:
                 expert = self.names[0]
             else:
@@ -287,8 +294,10 @@ def build_app(run: ServedRun, cfg: ServeConfig, env: dict[str, str] | None = Non
 
     pool_cls = serve.deployment(expert_pool_class(cfg.max_experts_per_replica))
     pool = pool_cls.options(**options(cfg.experts, "experts")).bind(run, cfg)
+    from mllmcl.routing import get_router
+
     router = None
-    if run.router is not None:
+    if run.router is not None and not get_router(run.router["kind"]).needs_truth:  # the oracle needs no model
         router = serve.deployment(_RouterDeployment).options(**options(cfg.router, "router")).bind(run, cfg)
     ingress = serve.deployment(_Ingress).options(**options(cfg.ingress, "ingress"))
     return ingress.bind(run, cfg, router, pool)

@@ -21,10 +21,20 @@ class Ensemble:
         if self.router is not None:
             self.router.prepare(self.engine)
 
-    def answer(self, questions: Sequence[str], images: Sequence, max_new_tokens: int | None = None) -> list[dict]:
-        """Route and answer; each answer's budget is its expert's unless ``max_new_tokens`` is given."""
+    def answer(self, questions: Sequence[str], images: Sequence, max_new_tokens: int | None = None,
+               tasks: Sequence[str] | None = None) -> list[dict]:
+        """Route and answer; each answer's budget is its expert's unless ``max_new_tokens`` is given.
+        ``tasks``: each question's task where the caller knows it (batch evaluation of a task's
+        folder); only the oracle router reads it, and it needs it."""
         if self.router is not None:
-            routes = self.router.route(self.engine, questions, images)
+            truth = None
+            if tasks is not None and self.router.needs_truth:
+                unknown = sorted({t for t in tasks if t not in self.names})
+                if unknown:
+                    raise ValueError(f"the oracle router routes a task to its own expert; {unknown} has none "
+                                     f"(experts: {self.names})")
+                truth = [self.names.index(t) for t in tasks]
+            routes = self.router.route(self.engine, questions, images, truth=truth)
         else:
             routes = [Route(0, "", False)] * len(questions)
         experts = [self.names[r.index] for r in routes]

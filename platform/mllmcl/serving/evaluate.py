@@ -65,7 +65,7 @@ class EnsemblePredictor:
 
     def __call__(self, batch: dict) -> dict:
         images = [load_image(u) for u in batch["image"]]
-        res = self.ensemble.answer(list(batch["question"]), images, self.max_new_tokens)
+        res = self.ensemble.answer(list(batch["question"]), images, self.max_new_tokens, tasks=list(batch["task"]))
         return {"uid": list(batch["uid"]), **{k: [r[k] for r in res] for k in res[0]}}
 
 
@@ -111,7 +111,7 @@ def evaluate_run(run_uri: str, data: str, *, task: str | None = None, out: str |
     spec = task_spec_for(data, run, task)
     samples = load_test_folder(data, spec.name, verify_images=verify_images, limit=limit or None)
     max_new = run.eval_max_new_tokens or spec.max_new_tokens
-    rows = [{"uid": s.uid, "question": eval_prompt(s), "image": s.image} for s in samples]
+    rows = [{"uid": s.uid, "question": eval_prompt(s), "image": s.image, "task": spec.name} for s in samples]
     log.info("evaluating %d samples of %s through run %s stage %d (%s)", len(rows), spec.name, run.run_id, run.stage,
              backend)
     res = {r["uid"]: r for r in _predict(run, rows, max_new, backend=backend, batch_size=batch_size,

@@ -84,6 +84,13 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def modified(uri: str) -> int | None:
+    """The file's modification time (ns), None where the filesystem does not say."""
+    fs, path = filesystem_for(uri)
+    mtime = fs.get_file_info(path).mtime_ns
+    return int(mtime) if mtime is not None else None
+
+
 def is_dir(uri: str) -> bool:
     fs, path = filesystem_for(uri)
     return fs.get_file_info(path).type == pafs.FileType.Directory

@@ -14,8 +14,9 @@ not seen.
 Everything goes under ``<storage>/sweeps/<name>/``: ``tune/`` (Tune's experiment state),
 ``runs/<trial_id>/`` (each trial's stream run, the usual layout), and the results:
 ``results.json`` / ``results.csv`` (one row per trial: config, every metric, stop
-reason), ``best.yaml`` (a ready-to-run preset), ``objective_by_task.png`` and, for a
-multi-objective search, the Pareto set in ``results.json``.
+reason), ``table.md`` (the completed trials' runs as jobs/compare.py tabulates them: a
+``data.order`` grid gives mean ± std over the orders), ``best.yaml`` (a ready-to-run preset),
+``objective_by_task.png`` and, for a multi-objective search, the Pareto set in ``results.json``.
 """
 
 from __future__ import annotations
@@ -234,6 +235,16 @@ def pareto_front(rows: list[dict], metrics: tuple[str, ...], modes: tuple[str, .
     return front
 
 
+def trials_table(root: str, completed: list[dict]) -> str | None:
+    """The paper-style table of the completed trials' runs (jobs/compare.py's): trials that differ
+    only in task order (a ``data.order`` grid) are one row, mean ± std over the orders."""
+    from mllmcl.evaluation.compare import compare_runs
+
+    runs = [storage.join(root, "runs", r["trial_id"]) for r in completed]
+    runs = [r for r in runs if storage.exists(storage.join(r, "metrics", "metrics.json"))]
+    return compare_runs(runs) if runs else None
+
+
 def write_results(spec: SweepSpec, grid, n_tasks: int) -> SweepResult:
     from mllmcl.tuning.report import objective_plot_png, results_csv
     from mllmcl.tuning.spec import best_preset
@@ -264,6 +275,9 @@ def write_results(spec: SweepSpec, grid, n_tasks: int) -> SweepResult:
     storage.write_text(storage.join(root, "results.csv"), results_csv(rows, spec))
     storage.write_bytes(storage.join(root, "objective_by_task.png"),
                         objective_plot_png(rows, f"{spec.name}: {spec.objective.label} by task", n_tasks))
+    table = trials_table(root, [r for r in rows if r["stop_reason"] == "completed"])
+    if table:
+        storage.write_text(storage.join(root, "table.md"), table + "\n")
     if best is not None:
         header = (f"Best of sweep {spec.name!r} ({spec.source or 'sweep file'}): trial {best['trial_id']}, "
                   f"{spec.objective.label} = {best['objective']:.4f} ({spec.objective.mode}).\n"
