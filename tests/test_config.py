@@ -169,6 +169,8 @@ def test_task_orders_and_their_problems():
     assert load_config(None, ["data.order=[Med,RS,AD,Sci,Fin]"]).data.task_names() == ["Med", "RS", "AD", "Sci", "Fin"]
     assert load_config(None, ["data.tasks=[RS,Med,AD]", "data.order=reverse"]).data.task_names() == ["AD", "Med", "RS"]
     assert load_config(None, ["data.order=random:1"]).data.task_names() == shuffled
+    # a list quoted as a string (a sweep file's grid value may be one)
+    assert load_config(None, ['data.order="[Med, RS, AD, Sci, Fin]"']).data.task_names() == ["Med", "RS", "AD", "Sci", "Fin"]
     with pytest.raises(ConfigError) as e:
         load_config(None, ["data.order=sideways"])
     assert "data.order='sideways'" in str(e.value)

@@ -191,10 +191,16 @@ def test_multi_objective_optuna_search_on_s3_reports_the_pareto_set(ray_session,
 
 def test_interrupted_sweep_resumes_without_redoing_finished_trials(ray_session, tmp_path, stream_overrides):
     """The sweep's driver is interrupted (Ctrl-C) after its first trial finishes; rerunning the
-    job restores the sweep: finished trials are kept (their runs untouched), the rest complete."""
+    job restores the sweep: finished trials are kept (their runs untouched), the rest complete.
+    The grid is over task orders (as sweeps/orders_dcl.yaml's), so the sweep's table.md is one
+    row, mean ± std over the three orders."""
+    import statistics
+
     from mllmcl.tuning.tune_run import run_sweep
 
-    path = _write_sweep(tmp_path / "resumable.yaml", stream_overrides, tmp_path / "store", 3, scheduler="fifo")
+    orders = ["paper", "reverse", ["Med", "RS"]]  # the last is the reverse, named: a third run of two tasks
+    path = _write_sweep(tmp_path / "resumable.yaml", stream_overrides, tmp_path / "store", 1, scheduler="fifo",
+                        space={"data.order": {"grid": orders}})
     runs = tmp_path / "store" / "sweeps" / "resumable" / "runs"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
            "TUNE_GLOBAL_CHECKPOINT_S": "1"}
@@ -223,3 +229,12 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(ray_session, 
     for trial_id, mtime in finished.items():  # not rerun
         assert (runs / trial_id / "manifest.json").stat().st_mtime_ns == mtime
     assert res.task_trainings <= res.task_trainings_without_stopping
+    recorded = [json.loads((runs / r["trial_id"] / "metrics" / "metrics.json").read_text())["order"] for r in res.rows]
+    assert sorted(map(str, recorded)) == sorted(map(str, orders))
+    table = (Path(res.root) / "table.md").read_text().splitlines()
+    assert table[0].startswith("| method | orders |") and len(table) == 3, table
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    maa = [r["MAA"] for r in res.rows]
+    assert cells[:2] == ["lora_ft", "3"]
+    assert cells[header.index("MAA")] == f"{statistics.fmean(maa):.2f} ± {statistics.stdev(maa):.2f}"

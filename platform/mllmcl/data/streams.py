@@ -95,7 +95,7 @@ def order_problems(names: Sequence[str], order: str | Sequence[str]) -> list[str
             return [] if seed.lstrip("-").isdigit() else [f"data.order={order!r}: random:<seed> needs an integer seed"]
         if "," not in order:
             return [f"data.order={order!r}: expected one of {', '.join(ORDERS)}"]
-        order = [t.strip() for t in order.split(",") if t.strip()]
+        order = _listed(order)
     given = list(order)
     problems = []
     unknown = [t for t in given if t not in names]
@@ -126,4 +126,9 @@ def ordered(names: Sequence[str], order: str | Sequence[str]) -> list[str]:
         out = list(names)
         random.Random(int(order.split(":", 1)[1])).shuffle(out)
         return out
-    return [t.strip() for t in order.split(",")] if isinstance(order, str) else list(order)
+    return _listed(order) if isinstance(order, str) else list(order)
+
+
+def _listed(order: str) -> list[str]:
+    """``"Med,RS"`` or ``"[Med, RS]"`` (a list quoted as a string, as a sweep file may hold it)."""
+    return [t.strip() for t in order.strip().removeprefix("[").removesuffix("]").split(",") if t.strip()]
