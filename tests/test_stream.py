@@ -185,3 +185,17 @@ def test_deepspeed_zero2_runs_a_stream_and_resumes(ray_session, runs_root, strea
         diff = max(float((w_ref[n] - w_ds[n]).abs().max()) for n in w_ref)
         assert diff < 1e-4, f"{task}: DeepSpeed adapter differs from DDP by {diff}"
     assert res.matrix.rows == reference.matrix.rows
+
+
+def test_a_resumed_run_whose_expert_lost_its_weights_says_so(tmp_path, stream_overrides):
+    """A run folder copied or synced in part (meta.json there, the weights not): resuming it
+    names the folder and what is missing, instead of failing deep in PEFT."""
+    cfg = _cfg(tmp_path, stream_overrides, TWO, "method.name=lora_ft", "scaling.backend=local")
+    first = run_stream(cfg, "lost", stop_after=0)
+    expert = Path(first.run_dir) / "tasks" / "0_RS" / "expert"
+    weights = list(expert.glob("*.safetensors"))
+    assert weights and (expert / "meta.json").exists()
+    for w in weights:
+        w.unlink()
+    with pytest.raises(FileNotFoundError, match=r"0_RS/expert: the adapter folder has meta.json but no weights"):
+        run_stream(cfg, "lost")

@@ -64,11 +64,22 @@ def local_adapter(uri: str) -> Iterator[str]:
     if not adapter_exists(uri):
         raise FileNotFoundError(f"{uri}: no complete adapter folder ({META} missing)")
     if not storage.is_remote(uri):
+        _check_weights(uri, str(uri))
         yield str(uri)
         return
     with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
         storage.download_dir(uri, tmp)
+        _check_weights(uri, tmp)
         yield tmp
+
+
+def _check_weights(uri: str, local: str) -> None:
+    """A folder with meta.json but no weights lost files after it was written (a partial copy or
+    sync of a run folder): say so, rather than let PEFT take the path for a model hub id."""
+    if not any(f.suffix in (".safetensors", ".bin") for f in Path(local).iterdir()):
+        raise FileNotFoundError(f"{uri}: the adapter folder has {META} but no weights (*.safetensors): "
+                                f"its files were lost after it was written; restore them, or rerun the stage "
+                                f"that wrote it in a new run")
 
 
 def read_meta(uri: str) -> dict:
