@@ -1,31 +1,36 @@
 """The calibration promise, on the default settings: a task's own LoRA expert learns it
-(>= 85%), the zero-shot base does not, and one LoRA trained on the next task forgets it."""
+(>= 85%), the zero-shot base does not, and one LoRA trained on the next task forgets it.
 
-import copy
+The work runs in a fresh Python process (which inherits the session's isolated caches, so the
+default base it builds is the session's): inside the suite's own process, beside the session's
+Ray driver and its threads, the same build and fits took about twice as long (measured on 2
+cores: 187 s against 92 s for the base build alone), the small-tensor training loop being
+Python-bound and sharing the interpreter with them.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
-from mllmcl.config import load_config
-from mllmcl.data.source import load_configured_stream
-from mllmcl.data.release import load_image
-from mllmcl.engine import Engine, evaluate_task
-from mllmcl.models.batching import PixelCache
-from mllmcl.models import attach_lora, load_backbone
-from mllmcl.training import fit
-
 pytestmark = pytest.mark.slow
 
+SCRIPT = textwrap.dedent("""
+    import copy, json
 
-@pytest.fixture(scope="module")
-def default_setup():
+    from mllmcl.config import load_config
+    from mllmcl.data.release import load_image
+    from mllmcl.data.source import load_configured_stream
+    from mllmcl.engine import Engine, evaluate_task
+    from mllmcl.models import attach_lora, load_backbone
+    from mllmcl.models.batching import PixelCache
+    from mllmcl.training import fit
+
     cfg = load_config(None, ["data.tasks=[RS, Med]", "run.progress=false"])
     stream = load_configured_stream(cfg.data, progress=False)
-    backbone = load_backbone(cfg.model.path)
-    return cfg, stream, backbone
-
-
-def test_expert_learns_and_sequential_lora_forgets(default_setup):
-    cfg, stream, bb = default_setup
+    bb = load_backbone(cfg.model.path)
     rs, med = stream.tasks
     pixels = PixelCache(bb.collator.images, load_image)
     ev = lambda m, task: evaluate_task(Engine.from_model(m, bb.collator, pixels), task.spec, task.test,
@@ -34,11 +39,22 @@ def test_expert_learns_and_sequential_lora_forgets(default_setup):
     zero_shot = ev(bb.model, rs)
     model = attach_lora(copy.deepcopy(bb.model), cfg.lora.settings())
     losses = fit(model, bb.collator, pixels, rs.train, cfg.train.settings(cfg.run.seed))
-    assert losses[-1] < losses[0] / 5
     expert = ev(model, rs)
     fit(model, bb.collator, pixels, med.train, cfg.train.settings(cfg.run.seed))
     after_med = ev(model, rs)
+    print("RESULT " + json.dumps({"zero_shot": zero_shot, "expert": expert, "after_med": after_med,
+                                  "loss_first": losses[0], "loss_last": losses[-1]}))
+""")
 
-    assert zero_shot < 42.0, "zero-shot base should stay at or below chance on RS"
-    assert expert >= 85.0
-    assert after_med <= expert - 30.0, "one LoRA trained on Med next should forget RS"
+
+def test_expert_learns_and_sequential_lora_forgets(tmp_path):
+    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    assert line, out.stdout[-2000:] + out.stderr[-2000:]
+    r = json.loads(line[-1][len("RESULT "):])
+
+    assert r["loss_last"] < r["loss_first"] / 5
+    assert r["zero_shot"] < 42.0, "zero-shot base should stay at or below chance on RS"
+    assert r["expert"] >= 85.0
+    assert r["after_med"] <= r["expert"] - 30.0, "one LoRA trained on Med next should forget RS"
