@@ -401,6 +401,47 @@ def test_bad_requests_get_4xx_and_the_service_stays_up(service, synthetic_small)
     assert status == 400 and "answer budget" in out["error"]["message"]
 
 
+def test_the_service_routes_with_the_runs_own_router(run, service, synthetic_small):
+    """The same experts re-routed by ``ridge`` and by the ``oracle`` (jobs/reroute.py's sibling runs),
+    each deployed in place of the module's app: the ridge run's service answers as that run's
+    stream did, question by question; the oracle's refuses a request that names no expert (it
+    routes by the question's task, which a request does not carry) and answers a pinned one.
+    The last test of the module that uses the service (it leaves the oracle's app deployed)."""
+    from mllmcl import storage
+    from mllmcl.data.prompts import eval_prompt
+    from mllmcl.runner.reroute import reroute
+    from mllmcl.serving.app import start
+
+    port = int(service.rsplit(":", 1)[1])
+    cfg = load_serve_config(None, [f"port={port}", f"app_name={APP}", "batch_wait_timeout_s=0.05", *LIMITS,
+                                   "limits.max_prompt_tokens=300"])
+    samples = [s for task in _samples(synthetic_small) for s in task.test]
+    bodies = [chat_request(eval_prompt(s), storage.read_bytes(s.image)) for s in samples]
+
+    ridge = Path(reroute(str(run), "ridge").run_dir)
+    start(str(ridge), cfg)
+    assert _get(f"{service}/healthz")["run_id"] == ridge.name
+    final = _final(ridge)
+    mllm = _final(run)
+    assert any(final[u]["expert"] != mllm[u]["expert"] for u in final), "ridge routes as mllm: nothing to tell apart"
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda b: _post(service, b), bodies))
+    for s, (status, out) in zip(samples, replies):
+        assert status == 200, out
+        want = final[s.uid]
+        assert (out["model"], out["choices"][0]["message"]["content"]) == (want["expert"], want["prediction"]), s.uid
+
+    oracle = Path(reroute(str(run), "oracle").run_dir)
+    start(str(oracle), cfg)
+    assert _get(f"{service}/healthz")["run_id"] == oracle.name
+    status, out = _post(service, bodies[0])
+    assert status == 400 and "oracle" in out["error"]["message"] and out["error"]["param"] == "model", out
+    status, out = _post(service, {**bodies[-1], "model": TASKS[-1]})
+    # the pinned expert is the run's own (copied byte for byte): it answers as the source run's cache holds
+    assert status == 200 and out["choices"][0]["message"]["content"] == _oracle(run, len(TASKS) - 1,
+                                                                                TASKS[-1])[samples[-1].uid]
+
+
 def test_evaluate_job_reproduces_the_stream_score(run, synthetic_small, ray_session, capsys):
     """jobs/evaluate.py through Ray Data: same predictions, experts and score as the stream runner."""
     import importlib.util

@@ -160,13 +160,19 @@ def test_s3_run_writes_and_resumes_like_local(ray_session, s3_bucket, stream_ove
 def test_deepspeed_zero2_runs_a_stream_and_resumes(ray_session, runs_root, stream_overrides, reference, monkeypatch):
     """scaling.strategy=deepspeed, ZeRO-2, 2 CPU workers over gloo: a rank is killed mid-fit, the
     worker group restarts from DeepSpeed's checkpoint (each rank's optimizer shard), and the run
-    ends with the same adapters (within 1e-4) and accuracy matrix as the one-worker DDP reference."""
+    ends with the same adapters (within 1e-4) and accuracy matrix as the one-worker DDP reference.
+    Stage 0 runs in-process (the local backend's adapter is DDP's, byte for byte: test_concurrency)
+    and the run resumes under DeepSpeed (scaling is a resumable change), so the DeepSpeed fit is
+    the one that continues from an earlier task's adapter."""
     from peft.utils import load_peft_weights
 
+    run_stream(_cfg(runs_root, stream_overrides, TWO, "method.name=lora_ft", "scaling.backend=local"),
+               "deepspeed-zero2", stop_after=0)
     monkeypatch.setenv("MLLMCL_INJECT_WORKER_FAILURE", "Med:2:1")  # kill rank 1 after step 2 of task Med
     cfg = _cfg(runs_root, stream_overrides, TWO, "method.name=lora_ft", "scaling.strategy=deepspeed",
                "scaling.num_workers=2", "scaling.checkpoint_every=1")
     res = run_stream(cfg, "deepspeed-zero2")
+    assert res.trained_stages == [1]
     markers = list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"mllmcl-injected-{os.getpid()}-Med-*"))
     assert markers, "the failure was not injected"
     for m in markers:
