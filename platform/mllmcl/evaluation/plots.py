@@ -13,6 +13,17 @@ import numpy as np  # noqa: E402
 from mllmcl.evaluation.metrics import AccuracyMatrix  # noqa: E402
 
 
+def _png(fig, ax, title: str = "") -> bytes:
+    """The figure as PNG bytes (titled, laid out, closed)."""
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def heatmap_png(matrix: AccuracyMatrix, title: str = "") -> bytes:
     rows = list(matrix.rows)
     labels = [f"after {matrix.tasks[t]}" for t in range(len(rows))]
@@ -40,13 +51,7 @@ def heatmap_png(matrix: AccuracyMatrix, title: str = "") -> bytes:
             elif not np.isnan(ahead[i, j]):
                 ax.text(j, i, f"({ahead[i, j]:.1f})", ha="center", va="center", fontsize=8, style="italic")
     fig.colorbar(im, ax=ax, label="accuracy (%)", fraction=0.046)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig, ax, title)
 
 
 def curves_png(curves: dict[str, list[float]], title: str = "") -> bytes:
@@ -60,13 +65,7 @@ def curves_png(curves: dict[str, list[float]], title: str = "") -> bytes:
     if curves:
         ax.set_xticks(range(1, max(len(v) for v in curves.values()) + 1))
         ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig, ax, title)
 
 
 def confusion_png(confusion: dict[str, dict[str, int]], title: str = "") -> bytes:

@@ -16,9 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from mllmcl import storage
-from mllmcl.data.prompts import eval_prompt
-from mllmcl.routing.base import Route, Router, RouterStage, register_router, sample_indices
+from mllmcl.routing.base import register_router
+from mllmcl.routing.prototype import PrototypeRouter, unit
 
 
 @dataclass(frozen=True)
@@ -27,54 +26,20 @@ class MMPrototypeSettings:
     seed: int = 0  # the run's seed
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def mm_features(backend, prompts: Sequence[str], images: Sequence) -> np.ndarray:
     """[normalised pooled image feature, normalised text embedding], normalised: one row per question."""
-    image = _unit(np.asarray(backend.features(list(prompts), list(images))["image"], dtype=np.float64))
-    text = _unit(np.asarray(backend.embed(list(prompts)), dtype=np.float64))
-    return _unit(np.concatenate([image, text], axis=1))
-
-
-def prototype_uri(stage: RouterStage, k: int) -> str:
-    return storage.join(stage.layout.task_dir(k, stage.stream.tasks[k].name), "mm_prototype.json")
+    image = unit(np.asarray(backend.features(list(prompts), list(images))["image"], dtype=np.float64))
+    text = unit(np.asarray(backend.embed(list(prompts)), dtype=np.float64))
+    return unit(np.concatenate([image, text], axis=1))
 
 
 @register_router("mm_prototype")
-class MMPrototypeRouter(Router):
+class MMPrototypeRouter(PrototypeRouter):
+    file_name, salt = "mm_prototype.json", 4271
+
     @classmethod
-    def fit(cls, stage: RouterStage, settings: MMPrototypeSettings, backend) -> dict:
-        uri = prototype_uri(stage, stage.k)
-        if not storage.exists(uri):
-            if backend is None:
-                raise FileNotFoundError(f"{uri}: no prototype stored, and no model here to compute it")
-            train = stage.task.train
-            pick = sample_indices(len(train), settings.samples_per_task, settings.seed, 4271, stage.k)
-            feats = mm_features(backend, [eval_prompt(train[j]) for j in pick], [train[j].image for j in pick])
-            storage.write_json(uri, {"task": stage.task.name, "samples": len(pick), "uids": [train[j].uid for j in pick],
-                                     "embedding": _unit(feats.mean(axis=0)).tolist()})
-        run_dir = stage.layout.run_dir
-        return {"kind": cls.kind, "experts": [t.name for t in stage.seen],
-                "prototypes": [prototype_uri(stage, i)[len(run_dir):].strip("/") for i in range(stage.k + 1)]}
-
-    def __init__(self, record: dict, run_dir: str):
-        super().__init__(record, run_dir)
-        self._prototypes: np.ndarray | None = None
-
-    def files(self) -> list[str]:
-        return [self.path(p) for p in self.record["prototypes"]]
-
-    def prototypes(self) -> np.ndarray:
-        if self._prototypes is None:
-            self._prototypes = np.asarray([storage.read_json(self.path(p))["embedding"]
-                                           for p in self.record["prototypes"]])
-        return self._prototypes
-
-    def select(self, backend, questions: list[str], images: list, rng=None, truth=None) -> list[Route]:
-        sims = mm_features(backend, questions, images) @ self.prototypes().T
-        return [Route(int(i), "", False) for i in sims.argmax(axis=1).tolist()]
+    def features(cls, backend, prompts, images) -> np.ndarray:
+        return mm_features(backend, prompts, images)
 
     def flops_per_question(self, shape: dict) -> float:
         # one base forward over image + question, one language-model pass over the question, T dot products
