@@ -119,8 +119,13 @@ def test_method_contract(case, root, stream_overrides):
     from mllmcl.serving.ensemble import Ensemble
 
     record = manifest["stages"][1]["serving"]
-    if "refused" in record:
-        assert method == "moelora" and "PEFT" in record["refused"]
+    if "refused" in record:  # the service refuses the run, and says the method's reason
+        from mllmcl.errors import ConfigError
+
+        assert record["refused"].strip(), f"{method}: refused without a reason"
+        with pytest.raises(ConfigError) as refusal:
+            load_served_run(str(run))
+        assert record["refused"] in str(refusal.value) and method in str(refusal.value)
         return
     served = load_served_run(str(run))
     assert served.stage == 1 and served.routed == get_method(method).routed

@@ -20,7 +20,7 @@ from mllmcl.data.types import Sample
 from mllmcl.models.batching import IGNORE_INDEX, Collator, PixelCache
 from mllmcl.settings import TrainSettings
 
-__all__ = ["TrainSettings", "batch_order", "fit", "make_optimizer", "train_steps"]
+__all__ = ["CrossEntropy", "TrainSettings", "batch_order", "fit", "make_optimizer", "train_steps"]
 
 
 def cosine_with_warmup(optimizer, total: int, warmup_ratio: float):
@@ -76,17 +76,38 @@ def _answer_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+class CrossEntropy:
+    """The default objective: next-token cross-entropy on the answer tokens, each token
+    weighing the same across micro-batches and ranks.
+
+    An objective (an adapter kind's ``objective`` attribute, e.g. φ-DPO's preference loss)
+    builds a micro-batch from samples (``batch``), says what it weighs (``weight``: the units
+    its loss is a mean over, summed over the global batch) and computes its mean loss there."""
+
+    def batch(self, collator: Collator, samples: Sequence[Sample], pixels: PixelCache) -> dict:
+        return collator.train_batch([s.question for s in samples], [s.target for s in samples],
+                                    pixels.get([s.image for s in samples]))
+
+    def weight(self, batch: dict) -> int:
+        return _answer_tokens(batch["labels"])
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        return model(**batch).loss.float()
+
+
 def train_steps(model, collator: Collator, pixels: PixelCache, samples: Sequence[Sample], settings: TrainSettings,
                 optimizer, scheduler, *, start_step: int = 0, rank: int = 0, world: int = 1,
                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 extra_loss: Callable[[torch.nn.Module], torch.Tensor | None] | None = None,
                 autocast: Callable | None = None, on_step: Callable[[int, float], None] | None = None,
-                stepper=None, progress: bool = False, desc: str = "train") -> list[float]:
+                stepper=None, objective=None, progress: bool = False, desc: str = "train") -> list[float]:
     """Run steps ``start_step .. num_steps-1``; return the (global) loss of each step run.
 
     ``stepper`` applies the update (default :class:`TorchStepper`; DeepSpeed brings its own,
-    see :mod:`mllmcl.training.deepspeed`).
+    see :mod:`mllmcl.training.deepspeed`); ``objective`` builds micro-batches and their loss
+    (default :class:`CrossEntropy`).
     """
+    objective = objective or CrossEntropy()
     steps = settings.num_steps(len(samples))
     order = batch_order(len(samples), settings.batch_size, steps, settings.seed)
     if stepper is None:
@@ -99,18 +120,17 @@ def train_steps(model, collator: Collator, pixels: PixelCache, samples: Sequence
         mine = order[step][rank::world]
         micro = [mine[i::settings.grad_accum] for i in range(settings.grad_accum)]
         micro = [m for m in micro if m]
-        batches = [collator.train_batch([samples[i].question for i in m], [samples[i].target for i in m],
-                                        pixels.get([samples[i].image for i in m])) for m in micro]
-        local_tokens = torch.tensor(float(sum(_answer_tokens(b["labels"]) for b in batches)))
+        batches = [objective.batch(collator, [samples[i] for i in m], pixels) for m in micro]
+        weights = [objective.weight(b) for b in batches]
+        local_tokens = torch.tensor(float(sum(weights)))
         global_tokens = all_reduce(local_tokens.clone()) if all_reduce else local_tokens
         step_loss = torch.zeros(())
-        for j, b in enumerate(batches):
-            n = _answer_tokens(b["labels"])
+        for j, (b, n) in enumerate(zip(batches, weights)):
             ctx = autocast() if autocast else contextlib.nullcontext()
             with ctx:
-                out = model(**b)
+                mean = objective.loss(model, b)
             # sum of token losses / global token count; DDP averages gradients over ranks, so scale by world
-            loss = out.loss.float() * n / global_tokens.clamp(min=1.0) * world
+            loss = mean * n / global_tokens.clamp(min=1.0) * world
             if extra_loss is not None and j == len(batches) - 1:
                 # a regulariser of the trainable weights, the same on every rank: DDP's average keeps it
                 # as is; added to the last micro-batch's loss so that DDP sees one backward per forward
@@ -130,10 +150,10 @@ def train_steps(model, collator: Collator, pixels: PixelCache, samples: Sequence
 
 
 def fit(model, collator: Collator, pixels: PixelCache, samples: Sequence[Sample], settings: TrainSettings, *,
-        extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None, progress: bool = False,
+        extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None, objective=None, progress: bool = False,
         desc: str = "train") -> list[float]:
     """Train ``model``'s trainable parameters on ``samples`` in this process; return the loss per step."""
     torch.manual_seed(settings.seed)
     opt, sched = make_optimizer(model, settings, settings.num_steps(len(samples)))
     return train_steps(model, collator, pixels, samples, settings, opt, sched, extra_loss=extra_loss,
-                       progress=progress, desc=desc)
+                       objective=objective, progress=progress, desc=desc)

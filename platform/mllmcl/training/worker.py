@@ -14,7 +14,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -152,6 +152,22 @@ class LocalSession:
             storage.delete_dir(storage.join(self.uri, previous))
 
 
+@dataclass
+class FitData:
+    """What an adapter kind's ``prepare(model, data)`` may read: the fit's samples, how they are
+    batched and preprocessed, where the model runs. Called on every rank before the first step
+    (and again when a fit resumes, before its checkpoint is loaded): it must give every rank the
+    same result. A kind may keep it for ``save`` (e.g. statistics of the trained model)."""
+
+    collator: object
+    pixels: object
+    samples: list
+    device: torch.device
+    autocast: object
+    rank: int
+    world: int
+
+
 def train_worker(config: dict) -> None:
     """Ray Train's per-worker entry point."""
     from ray.train.v2._internal.execution import context
@@ -188,6 +204,10 @@ def train_adapter(fit: FitConfig, session) -> None:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.bfloat16 if (mp == "auto" and use_cuda)
                                                                       else None)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else None
+    pixels = PixelCache(backbone.collator.images, load_image)
+    if hasattr(kind, "prepare"):  # a pass over the task's data before training (every rank, the same result)
+        model = model.to(device)
+        kind.prepare(model, FitData(backbone.collator, pixels, request.samples, device, autocast, rank, world))
 
     steps = settings.num_steps(len(request.samples))
     # default: once per epoch, but at most AUTO_CHECKPOINTS per fit (a router trains 30 epochs of 3 steps)
@@ -217,7 +237,6 @@ def train_adapter(fit: FitConfig, session) -> None:
     if start:
         log.info("rank %d resumes %s/%s at step %d of %d", rank, request.task, request.kind, start, steps)
 
-    pixels = PixelCache(backbone.collator.images, load_image)
     all_reduce = None
     if world > 1:
         import torch.distributed as dist
@@ -249,7 +268,8 @@ def train_adapter(fit: FitConfig, session) -> None:
     if start < steps:
         train_steps(train_model, backbone.collator, pixels, request.samples, settings, optimizer, scheduler,
                     start_step=start, rank=rank, world=world, all_reduce=all_reduce, autocast=autocast,
-                    extra_loss=kind.extra_loss, on_step=on_step, stepper=stepper)
+                    extra_loss=kind.extra_loss, on_step=on_step, stepper=stepper,
+                    objective=getattr(kind, "objective", None))
     with ds.full_parameters(model) if ds is not None else contextlib.nullcontext():
         if rank == 0:
             _save_final(kind, model, fit, steps, world, start)
