@@ -27,6 +27,10 @@ def test_shapes_match_the_published_parameter_counts():
     assert abs(llava.params - 7.06e9) / 7.06e9 < 0.01 and llava.image_tokens == 576
     qwen = ModelShape.from_config(KNOWN["qwen2-vl-7b"])
     assert abs(qwen.params - 8.29e9) / 8.29e9 < 0.02 and qwen.image_tokens == 256
+    internvl = ModelShape.from_config(KNOWN["internvl3-8b"])  # one 448-px tile: 1024 patches, pixel shuffle 0.5
+    assert abs(internvl.params - 7.94e9) / 7.94e9 < 0.01 and internvl.image_tokens == 256
+    assert internvl.vision_tokens == 1025 and internvl.projector_in == 4096
+    assert model_shape("/models/InternVL3-8B-hf").name == "internvl3-8b"
     assert model_shape("/models/llava-1.5-7b-hf").name == "llava-1.5-7b"  # a cluster path, by its name
     assert llava.lora_params(32, ("q_proj",)) == 32 * 32 * (4096 + 4096)
 

@@ -38,3 +38,8 @@ QWEN_VL = ChatFormat("qwen-vl-chatml",
                      "<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n",
                      answer_sep="", image_start="<|vision_start|>", image_token="<|image_pad|>",
                      image_end="<|vision_end|>")
+# InternVL in transformers' format (InternVL3-*-hf, converted InternVL2.5): ChatML without a system
+# turn (the processor's chat template puts ``<IMG_CONTEXT>\n`` before the text), the image block as
+# InternVLProcessor writes it, ``<img>`` + ``<IMG_CONTEXT>`` x tokens + ``</img>``
+INTERNVL = ChatFormat("internvl-chatml", "<|im_start|>user\n{image}\n{question}<|im_end|>\n<|im_start|>assistant\n",
+                      answer_sep="", image_start="<img>", image_token="<IMG_CONTEXT>", image_end="</img>")

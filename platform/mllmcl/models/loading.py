@@ -85,10 +85,24 @@ def resolve_checkpoint(source: str) -> Path:
 @dataclass
 class ImageTextProcessor:
     """A checkpoint's tokenizer and image processor, when its full processor cannot be built
-    here (all the platform uses of a processor)."""
+    here (all the platform uses of a processor), and the processor's own count of tokens per
+    image tile where the family has one (InternVL's ``image_seq_length``)."""
 
     tokenizer: object
     image_processor: object
+    image_seq_length: int | None = None
+
+
+def _image_seq_length(path: Path) -> int | None:
+    """InternVL's tokens per tile as its processor reads them: processor_config.json, else the
+    model's config.json (both written by transformers' conversion)."""
+    for name in ("processor_config.json", "config.json"):
+        f = path / name
+        if f.exists():
+            value = json.loads(f.read_text()).get("image_seq_length")
+            if value:
+                return int(value)
+    return None
 
 
 def load_processor(path: Path | str, family: Family):
@@ -97,7 +111,8 @@ def load_processor(path: Path | str, family: Family):
 
     if family.video_processor and not is_torchvision_available():
         return ImageTextProcessor(AutoTokenizer.from_pretrained(path, local_files_only=True),
-                                  AutoImageProcessor.from_pretrained(path, local_files_only=True))
+                                  AutoImageProcessor.from_pretrained(path, local_files_only=True),
+                                  _image_seq_length(Path(path)))
     return AutoProcessor.from_pretrained(path, local_files_only=True)
 
 
@@ -105,11 +120,11 @@ def load_backbone(source: str = TINY, dtype: str | torch.dtype | None = None) ->
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     path = resolve_checkpoint(source)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    try:
-        family = family_for(config.model_type)
+    try:  # from config.json itself: a remote-code checkpoint is refused before transformers asks to run its code
+        family = family_for(json.loads((path / "config.json").read_text()).get("model_type", ""))
     except KeyError as e:
         raise ModelLoadError(f"model.path={source!r}: {e.args[0]}") from None
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
     processor = load_processor(path, family)

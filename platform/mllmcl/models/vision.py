@@ -6,8 +6,15 @@
 resolution, becomes a variable number of patches; ``pixel_values`` of a batch are the
 images' patches concatenated, ``image_grid_thw`` says how many belong to each, and an
 image takes ``t*h*w / merge**2`` tokens.
+``TileImages`` (InternVL): each image is cut into square tiles on the grid (columns x rows,
+between the image processor's ``min_patches`` and ``max_patches`` tiles) whose aspect ratio
+is closest to the image's, plus a thumbnail of the whole image when there is more than one
+tile (GotOcr2's ``crop_to_patches``, which InternVL's processor always turns on); every tile
+takes the same ``image_seq_length`` tokens, so an image takes ``tiles * image_seq_length``.
+``pixel_values`` of a batch are the images' tiles concatenated, (sum of tiles, C, H, W): the
+model scatters the tiles' tokens into the image tokens in order, so it needs no per-image count.
 
-Both process images into per-image items (what :class:`PixelCache` keeps) and collate
+Each processes images into per-image items (what :class:`PixelCache` keeps) and collate
 items into :class:`Pixels`: the batch's tensors plus each row's image token count.
 """
 
@@ -85,3 +92,32 @@ class GridImages(_Layout):
 
     def tokens_for_size(self, width: int, height: int) -> int:
         return self.image_processor.get_number_of_image_patches(height, width, {}) // self.merge ** 2
+
+
+class TileImages(_Layout):
+    token_types = False  # the model finds image positions by the image token alone
+
+    def __init__(self, processor):
+        self.image_processor = processor.image_processor
+        per_tile = getattr(processor, "image_seq_length", None)
+        if not per_tile:
+            raise ValueError("an InternVL processor without image_seq_length (tokens per tile): neither "
+                             "processor_config.json nor config.json of the checkpoint gives it")
+        self.per_tile = int(per_tile)
+        # the projector's input has one row per tile: one row per image only when an image is one tile
+        self.image_rows = int(getattr(self.image_processor, "max_patches", 1)) <= 1
+
+    def process(self, images: Sequence) -> list[dict[str, torch.Tensor]]:
+        out = self.image_processor(images=list(images), crop_to_patches=True, return_tensors="pt")
+        parts = torch.split(out["pixel_values"], [int(n) for n in out["num_patches"]])
+        return [{"pixel_values": p.clone()} for p in parts]
+
+    def collate(self, items: Sequence[dict[str, torch.Tensor]]) -> Pixels:
+        return Pixels({"pixel_values": torch.cat([it["pixel_values"] for it in items])},
+                      [it["pixel_values"].shape[0] * self.per_tile for it in items])
+
+    def tiles_for_size(self, width: int, height: int) -> int:
+        return self.image_processor.get_number_of_image_patches(height, width, {"crop_to_patches": True})
+
+    def tokens_for_size(self, width: int, height: int) -> int:
+        return self.tiles_for_size(width, height) * self.per_tile

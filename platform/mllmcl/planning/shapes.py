@@ -1,4 +1,4 @@
-"""The shape of a model, from its Hugging Face ``config.json`` (LLaVA and Qwen2-VL families):
+"""The shape of a model, from its Hugging Face ``config.json`` (LLaVA, Qwen2-VL and InternVL families):
 parameter counts of the language model, vision tower and projector, LoRA sizes, tokens per
 image. A checkpoint that is not on this machine (a cluster's ``/models/...``) is planned from
 the shape of the published model its folder is named after (:data:`KNOWN`), or from a
@@ -31,8 +31,17 @@ KNOWN = {
                     "vocab_size": 152064, "tie_word_embeddings": False,
                     "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "hidden_size": 3584,
                                       "patch_size": 14, "spatial_merge_size": 2}},
+    # OpenGVLab/InternVL3-8B-hf: InternViT-300M-448px-V2_5 + Qwen2.5-7B (7.94B parameters)
+    "internvl3-8b": {"model_type": "internvl", "downsample_ratio": 0.5,
+                     "text_config": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                                     "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 151674,
+                                     "tie_word_embeddings": False},
+                     "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                                       "image_size": [448, 448], "patch_size": [14, 14]}},
 }
 QWEN_IMAGE_PX = 448  # Qwen2-VL's tokens per image depend on the image: planned at 448 x 448 (256 tokens)
+# InternVL's tokens per image depend on its tiles (1 to max_patches + a thumbnail): planned at the same
+# 448 x 448 image, one tile (256 tokens; a large image of the release may take up to 13 tiles)
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,17 @@ class ModelShape:
                        t["num_attention_heads"], t.get("num_key_value_heads") or t["num_attention_heads"],
                        t["vocab_size"], bool(t.get("tie_word_embeddings", False)), v["depth"], v["embed_dim"],
                        v["embed_dim"] * v.get("mlp_ratio", 4), patches, patches // merge, v["embed_dim"] * merge)
-        raise ConfigError(f"model_type {kind!r}: the planner knows llava and qwen2_vl")
+        if kind == "internvl":
+            t, v = config["text_config"], config["vision_config"]
+            side = lambda x: int(x[0] if isinstance(x, (list, tuple)) else x)  # noqa: E731 (448 or [448, 448])
+            patches = (side(v.get("image_size", 448)) // side(v.get("patch_size", 14))) ** 2
+            shuffle = round(1 / config.get("downsample_ratio", 0.5)) ** 2  # pixel shuffle: 4 patches a token
+            tied = t.get("tie_word_embeddings", config.get("tie_word_embeddings", False))
+            return cls(name or "internvl", t["num_hidden_layers"], t["hidden_size"], t["intermediate_size"],
+                       t["num_attention_heads"], t.get("num_key_value_heads") or t["num_attention_heads"],
+                       t["vocab_size"], bool(tied), v["num_hidden_layers"], v["hidden_size"], v["intermediate_size"],
+                       patches + 1, patches // shuffle, v["hidden_size"] * shuffle)
+        raise ConfigError(f"model_type {kind!r}: the planner knows llava, qwen2_vl and internvl")
 
 
 def _known(path: str) -> str | None:
