@@ -100,12 +100,14 @@ def train_steps(model, collator: Collator, pixels: PixelCache, samples: Sequence
                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 extra_loss: Callable[[torch.nn.Module], torch.Tensor | None] | None = None,
                 autocast: Callable | None = None, on_step: Callable[[int, float], None] | None = None,
-                stepper=None, objective=None, progress: bool = False, desc: str = "train") -> list[float]:
+                stepper=None, objective=None, device: torch.device | None = None, progress: bool = False,
+                desc: str = "train") -> list[float]:
     """Run steps ``start_step .. num_steps-1``; return the (global) loss of each step run.
 
     ``stepper`` applies the update (default :class:`TorchStepper`; DeepSpeed brings its own,
     see :mod:`mllmcl.training.deepspeed`); ``objective`` builds micro-batches and their loss
-    (default :class:`CrossEntropy`).
+    (default :class:`CrossEntropy`); its tensors go to ``device`` (the model's, when given: DDP
+    moves a batch itself, a single worker's model and DeepSpeed's engine do not).
     """
     objective = objective or CrossEntropy()
     steps = settings.num_steps(len(samples))
@@ -121,6 +123,9 @@ def train_steps(model, collator: Collator, pixels: PixelCache, samples: Sequence
         micro = [mine[i::settings.grad_accum] for i in range(settings.grad_accum)]
         micro = [m for m in micro if m]
         batches = [objective.batch(collator, [samples[i] for i in m], pixels) for m in micro]
+        if device is not None:
+            batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+                       for b in batches]
         weights = [objective.weight(b) for b in batches]
         local_tokens = torch.tensor(float(sum(weights)))
         global_tokens = all_reduce(local_tokens.clone()) if all_reduce else local_tokens

@@ -269,7 +269,7 @@ def train_adapter(fit: FitConfig, session) -> None:
         train_steps(train_model, backbone.collator, pixels, request.samples, settings, optimizer, scheduler,
                     start_step=start, rank=rank, world=world, all_reduce=all_reduce, autocast=autocast,
                     extra_loss=kind.extra_loss, on_step=on_step, stepper=stepper,
-                    objective=getattr(kind, "objective", None))
+                    objective=getattr(kind, "objective", None), device=device)
     with ds.full_parameters(model) if ds is not None else contextlib.nullcontext():
         if rank == 0:
             _save_final(kind, model, fit, steps, world, start)
