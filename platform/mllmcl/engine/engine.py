@@ -204,7 +204,9 @@ class Engine:
         eos = self.tok.eos_token_id
         if minimum is not None and any(minimum):
             extra["logits_processor"] = LogitsProcessorList([_RowMinNewTokens(width, list(minimum), eos)])
-        with ctx:
+        rows = getattr(self.format, "rows", None)  # a format that sets per-row state from the prompt batch
+        name = adapters[0] if len(set(adapters)) == 1 else None
+        with ctx, (rows(self, name, batch) if rows is not None and name is not None else _null()):
             gen = model.generate(**batch, max_new_tokens=max(limits), do_sample=False, num_beams=1,
                                  pad_token_id=self.tok.pad_token_id, eos_token_id=eos, **extra)
         out = []
@@ -269,30 +271,39 @@ class Engine:
 
     @torch.no_grad()
     def features(self, prompts: Sequence[str], images: Sequence, batch_size: int = 32) -> dict[str, list[list[float]]]:
-        """Per (question, image), from one forward of the base model (no adapter): ``image``, the
-        mean of the language model's input embeddings at the image's token positions (what the
-        projector made of the image); ``hidden``, the final layer's hidden states mean-pooled over
-        the sequence (the question read with its image). Neither is normalised."""
+        """Per (question, image), from one forward of the base model (no adapter), batch by batch
+        (:meth:`batch_features`): ``image`` and ``hidden``, lists of floats."""
+        out: dict[str, list[list[float]]] = {"image": [], "hidden": []}
+        for start in range(0, len(prompts), batch_size):
+            batch = self.collator.prompt_batch(list(prompts[start:start + batch_size]),
+                                               self.pixels(list(images[start:start + batch_size])))
+            feats = self.batch_features({k: v.to(self.device) for k, v in batch.items()})
+            for key in out:
+                out[key].extend(feats[key].cpu().tolist())
+        return out
+
+    @torch.no_grad()
+    def batch_features(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The features of one prompt batch (``collator.prompt_batch``, on the engine's device), from
+        one forward of the base model (no adapter), float32, one row per prompt: ``image``, the mean
+        of the language model's input embeddings at the image's token positions (what the projector
+        made of the image); ``hidden``, the final layer's hidden states mean-pooled over the sequence
+        (the question read with its image). Neither is normalised. :meth:`features` and an adapter
+        format's ``rows`` (per-row state at decoding) both compute them here."""
         image_token = getattr(self.model.config, "image_token_id", None)
         if image_token is None:
             image_token = getattr(self.model.config, "image_token_index", None)
         _, ctx, _ = self._activate([None])
-        out: dict[str, list[list[float]]] = {"image": [], "hidden": []}
         with ctx:
-            for start in range(0, len(prompts), batch_size):
-                batch = self.collator.prompt_batch(list(prompts[start:start + batch_size]),
-                                                   self.pixels(list(images[start:start + batch_size])))
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                res = self.model(**batch, output_hidden_states=True, return_dict=True)
-                first, last = res.hidden_states[0].float(), res.hidden_states[-1].float()
-                mask = batch["attention_mask"].unsqueeze(-1).float()
-                out["hidden"].extend(((last * mask).sum(1) / mask.sum(1).clamp(min=1.0)).cpu().tolist())
-                at_image = (batch["input_ids"] == image_token).unsqueeze(-1).float() if image_token is not None \
-                    else torch.zeros_like(mask)
-                if float(at_image.sum()) == 0:  # the family puts image features elsewhere: the sequence's mean
-                    at_image = mask
-                out["image"].extend(((first * at_image).sum(1) / at_image.sum(1).clamp(min=1.0)).cpu().tolist())
-        return out
+            res = self.model(**batch, output_hidden_states=True, return_dict=True)
+        first, last = res.hidden_states[0].float(), res.hidden_states[-1].float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        hidden = (last * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        at_image = (batch["input_ids"] == image_token).unsqueeze(-1).float() if image_token is not None \
+            else torch.zeros_like(mask)
+        if float(at_image.sum()) == 0:  # the family puts image features elsewhere: the sequence's mean
+            at_image = mask
+        return {"image": (first * at_image).sum(1) / at_image.sum(1).clamp(min=1.0), "hidden": hidden}
 
 
 def _null():

@@ -4,6 +4,14 @@ loaded under a name, made active (or the base model), and dropped.
 PEFT is built in. A method whose adapters are not PEFT adapters brings its own format in
 its module (``mllmcl.methods.moelora``), and whoever builds the engine for that method's
 run passes it in (``Engine(..., formats=[...])``): the engine never imports methods.
+
+A format may also define ``rows(engine, name, batch)``: a context manager the engine enters
+around each ``generate`` of adapter ``name`` with the prompt batch (``input_ids``,
+``attention_mask``, ``pixel_values``...), after activating it. It can compute what each row
+needs from the batch (e.g. per-question mixing weights from ``engine.batch_features(batch)``,
+the base model's features, the same computation as ``engine.features``), set it on its
+layers for that call (the decoding steps keep the batch's rows), and clear it on exit
+(:mod:`mllmcl.methods._task_experts`).
 """
 
 from __future__ import annotations
