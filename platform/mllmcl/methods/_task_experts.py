@@ -4,8 +4,8 @@ and ``disco`` (:mod:`mllmcl.methods.disco`) share. (The underscore keeps the met
 registry from importing it as a method.)
 
 **Layer.** Every targeted ``nn.Linear`` ``W`` of the language model (``lora.target_modules``)
-holds, per adapter, an :class:`ExpertBank`: experts ``(A_i, B_i)`` of rank ``r`` each, one per
-task learned so far (``A_i``: ``r x in``, ``B_i``: ``out x r``; ``s`` = ``lora.alpha /
+is wrapped as MoELoRA's are (:class:`mllmcl.methods.moelora.AdaptedLinear`) and holds, per
+adapter, an :class:`ExpertBank`: experts ``(A_i, B_i)`` of rank ``r`` each, one per task learned so far (``A_i``: ``r x in``, ``B_i``: ``out x r``; ``s`` = ``lora.alpha /
 lora.rank``, the stream's LoRA scaling). A bank is in one of three roles::
 
     train    y = W x + s * B_t A_t x                       (the newest expert only)
@@ -55,7 +55,8 @@ from torch import nn
 
 from mllmcl.data.prompts import eval_prompt
 from mllmcl.methods.base import Answers, Stage, answer_with, request
-from mllmcl.models.lora import LANGUAGE_MODEL_LINEARS, language_model_target_regex
+from mllmcl.methods.moelora import AdaptedLinear
+from mllmcl.models.lora import LANGUAGE_MODEL_LINEARS
 
 CONFIG_FILE = "task_experts_config.json"
 WEIGHTS_FILE = "task_experts.safetensors"
@@ -154,34 +155,14 @@ class ExpertBank(nn.Module):
         return lin((h * w).flatten(-2), b) * s
 
 
-class TaskExpertLinear(nn.Module):
-    """A frozen linear layer plus named expert banks (one per loaded adapter), at most one active."""
+class TaskExpertLinear(AdaptedLinear):
+    """A frozen linear layer plus named expert banks (``banks``, one per loaded adapter), at most one active."""
 
-    def __init__(self, base: nn.Linear):
-        super().__init__()
-        self.base_layer = base
-        self.banks = nn.ModuleDict()
-        self.active: str | None = None
-
-    @property
-    def weight(self):  # some model code reads the wrapped layer's weight (dtype / device checks)
-        return self.base_layer.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        if self.active is None:
-            return y
-        return y + self.banks[self.active](x)
+    slot, label = "banks", "task-experts"
 
 
 def expert_layers(model: nn.Module) -> dict[str, TaskExpertLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, TaskExpertLinear)}
-
-
-def _targets(model: nn.Module, s: TaskExpertSettings) -> list[str]:
-    pattern = re.compile(language_model_target_regex(s.target_modules))
-    return [n for n, m in model.named_modules()
-            if pattern.fullmatch(n) and isinstance(m, (nn.Linear, TaskExpertLinear))]
+    return TaskExpertLinear.layers(model)
 
 
 def _layer_index(path: str) -> int | None:
@@ -206,23 +187,12 @@ def roles(paths: list[str], s: TaskExpertSettings, training: bool) -> dict[str, 
 def add_banks(model: nn.Module, s: TaskExpertSettings, name: str = "default", training: bool = False) -> dict:
     """Wrap the targeted linear layers (once), give each an empty bank ``name`` (active); the base
     model's own parameters are frozen. Returns ``path -> bank``."""
-    targets = _targets(model, s)
+    targets = TaskExpertLinear.targets(model, s.target_modules)
     if not targets:
         raise ValueError(f"task experts: no linear layer matches {s.target_modules} in the language model")
-    if not expert_layers(model):
-        for p in model.parameters():
-            p.requires_grad_(False)
     role = roles(targets, s, training)
     banks = {}
-    for path in targets:
-        parent_name, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = getattr(parent, child)
-        if not isinstance(layer, TaskExpertLinear):
-            layer = TaskExpertLinear(layer)
-            setattr(parent, child, layer)
-        if name in layer.banks:
-            raise ValueError(f"task-experts adapter {name!r} already exists")
+    for path, layer in TaskExpertLinear.wrap(model, targets, name).items():
         w = layer.base_layer.weight
         layer.banks[name] = ExpertBank(layer.base_layer.in_features, layer.base_layer.out_features, s, role[path],
                                        w.dtype, w.device)
@@ -232,10 +202,7 @@ def add_banks(model: nn.Module, s: TaskExpertSettings, name: str = "default", tr
 
 
 def set_active(model: nn.Module, name: str | None) -> None:
-    for layer in expert_layers(model).values():
-        if name is not None and name not in layer.banks:
-            raise KeyError(f"task-experts adapter {name!r} is not loaded")
-        layer.active = name
+    TaskExpertLinear.set_active(model, name)
 
 
 def set_weights(model: nn.Module, name: str, weights: torch.Tensor | None) -> None:
@@ -245,11 +212,7 @@ def set_weights(model: nn.Module, name: str, weights: torch.Tensor | None) -> No
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    for layer in expert_layers(model).values():
-        if layer.active == name:
-            layer.active = None
-        if name in layer.banks:
-            del layer.banks[name]
+    TaskExpertLinear.delete(model, name)
 
 
 def experts_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:

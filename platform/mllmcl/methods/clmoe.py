@@ -65,15 +65,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from mllmcl.methods import register
 from mllmcl.methods.base import Answers, CLMethod, MethodOptions, NotServable, Stage, answer_with, request
-from mllmcl.methods.moelora import (MoELoraFormat, MoELoraKind, MoELoraSettings, adapter_state_dict, moe_layers,
-                                    save_moelora)
+from mllmcl.methods.moelora import MoELoraFormat, MoELoraKind, MoELoraSettings, adapter_state_dict, moe_layers
 
 USAGE_FILE = "clmoe_usage.json"
 USAGE_TOP_K = 2  # an expert is "used" by a token when it is among the token's top-2 gate weights
@@ -224,7 +222,6 @@ class CLMoEKind(MoELoraKind):
                 "samples": len(samples)}
 
     def save(self, model, uri: str, meta: dict) -> None:
-        from mllmcl.models.adapters import publish_adapter
         from mllmcl.training.adapter_kinds import unwrap
 
         m = unwrap(model)
@@ -246,11 +243,12 @@ class CLMoEKind(MoELoraKind):
                   "samples": stats["samples"], "tokens": stats["tokens"], "claimed": stats["claimed"],
                   "counts": stats["counts"],
                   "history": [*self.history, {"stage": r.stage, "task": r.task, "claimed": stats["claimed"]}]}
-        with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
-            save_moelora(m, tmp, self.settings)
-            with open(os.path.join(tmp, USAGE_FILE), "w") as f:
+
+        def write_usage(folder):
+            with open(os.path.join(folder, USAGE_FILE), "w") as f:
                 json.dump(record, f, indent=1, sort_keys=True)
-            publish_adapter(tmp, uri, meta)
+
+        super().save(m, uri, meta, extra=write_usage)
 
 
 def read_usage(folder: str) -> dict:
@@ -300,10 +298,7 @@ class CLMoEOptions(MethodOptions):
 
 
 def clmoe_settings(cfg) -> MoELoraSettings:
-    m, lora = cfg.method, cfg.lora
-    return MoELoraSettings(experts=m.clmoe_experts, expert_rank=max(1, lora.rank // m.clmoe_experts),
-                           alpha=float(lora.alpha), dropout=lora.dropout, gate="softmax", top_k=USAGE_TOP_K,
-                           target_modules=tuple(lora.target_modules))
+    return MoELoraSettings.for_lora(cfg.lora, cfg.method.clmoe_experts, gate="softmax", top_k=USAGE_TOP_K)
 
 
 @register("clmoe")
@@ -313,8 +308,7 @@ class CLMoE(CLMethod):
 
     def plan(self, stage: Stage):
         init = stage.expert_uri(stage.k - 1) if stage.k > 0 else None
-        moe = asdict(clmoe_settings(self.cfg))
-        moe["target_modules"] = list(moe["target_modules"])
+        moe = clmoe_settings(self.cfg).to_dict()
         m = self.options
         clmoe = {"momentum": m.clmoe_momentum, "claimed": m.clmoe_claimed, "usage_samples": m.clmoe_usage_samples}
         return [request(stage, "lora", stage.task.train, stage.expert_uri(), init_adapter=init,

@@ -69,15 +69,14 @@ import contextlib
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 
 from mllmcl.methods import register
-from mllmcl.methods.base import Answers, CLMethod, MethodOptions, ServingPlan, Stage, answer_with, request
-from mllmcl.methods.olora import NEW, OLD, concatenate_lora
+from mllmcl.methods.base import Answers, CLMethod, MethodOptions, ServingPlan, Stage, answer_with
+from mllmcl.methods.olora import NEW, save_stacked, stack_on_previous, stacked_request
 from mllmcl.training.adapter_kinds import unwrap
 
 log = logging.getLogger(__name__)
@@ -252,21 +251,11 @@ class KeepLoraKind:
         self.seconds: dict[str, float] = {}
 
     def build(self, backbone_model):
-        from peft import PeftModel, get_peft_model
+        def read(folder):
+            self.basis = read_basis(folder)
 
-        from mllmcl.models.adapters import local_adapter
-        from mllmcl.models.lora import peft_config
-
-        config = peft_config(self.request.lora)
-        if not self.previous:
-            model = get_peft_model(backbone_model, config, adapter_name=NEW)
-        else:
-            with local_adapter(self.previous) as local:
-                self.basis = read_basis(local)
-                model = PeftModel.from_pretrained(backbone_model, local, adapter_name=OLD, is_trainable=False)
-            model.add_adapter(NEW, config)
-            model.base_model.set_adapter([OLD, NEW])  # the earlier tasks' LoRAs stay in the forward
-        for name, p in model.named_parameters():  # after set_adapter, which marks adapters trainable
+        model = stack_on_previous(backbone_model, self.request.lora, self.previous, read)
+        for name, p in model.named_parameters():  # of the new LoRA only B trains
             p.requires_grad_(f".lora_B.{NEW}." in name)
         return model
 
@@ -318,8 +307,6 @@ class KeepLoraKind:
     def save(self, model, uri: str, meta: dict) -> None:
         from safetensors.torch import save_file
 
-        from mllmcl.models.adapters import publish_adapter
-
         core = unwrap(model)
         basis = self.grown_basis(core)
         dims = [b.shape[1] for b in basis.values()]
@@ -327,17 +314,7 @@ class KeepLoraKind:
                 "keeplora_grow_energy": self.grow_energy, "keeplora_grad_samples": len(self._subset(self.data)),
                 "keeplora_basis_dims": {"min": min(dims), "max": max(dims), "mean": sum(dims) / len(dims),
                                         "mean_before": sum(b.shape[1] for b in self.basis.values()) / len(dims)}}
-        with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
-            if not self.previous:
-                core.save_pretrained(tmp, selected_adapters=[NEW], safe_serialization=True)
-                folder = os.path.join(tmp, NEW)
-            else:
-                config, weights = concatenate_lora(core)
-                folder = tmp
-                config.save_pretrained(folder)
-                save_file(weights, os.path.join(folder, "adapter_model.safetensors"))
-            save_file(basis, os.path.join(folder, BASIS_FILE))
-            publish_adapter(folder, uri, meta)
+        save_stacked(core, uri, meta, extra=lambda folder: save_file(basis, os.path.join(folder, BASIS_FILE)))
 
 
 # --- the method ------------------------------------------------------------------------------------
@@ -374,11 +351,9 @@ class KeepLoRA(CLMethod):
 
     def plan(self, stage: Stage):
         m = self.options
-        previous = stage.expert_uri(stage.k - 1) if stage.k > 0 else None
-        return [request(stage, "lora", stage.task.train, stage.expert_uri(), adapter_kind=KeepLoraKind,
-                        adapter_args={"base_energy": m.keeplora_base_energy, "grad_fraction": m.keeplora_grad_fraction,
-                                      "grow_energy": m.keeplora_grow_energy, "previous": previous},
-                        depends_on=[previous] if previous else [], keeplora_tasks=stage.k + 1)]
+        return [stacked_request(stage, stage.task.train, KeepLoraKind,
+                                {"base_energy": m.keeplora_base_energy, "grad_fraction": m.keeplora_grad_fraction,
+                                 "grow_energy": m.keeplora_grow_energy}, keeplora_tasks=stage.k + 1)]
 
     def answer(self, stage: Stage, predictor) -> Answers:
         return answer_with(stage, predictor, stage.expert_uri())

@@ -70,6 +70,16 @@ class MoELoraSettings:
         return self.alpha / (self.experts * self.expert_rank)
 
     @classmethod
+    def for_lora(cls, lora, experts: int, gate: str, top_k: int) -> "MoELoraSettings":
+        """``experts`` experts sharing the rank of ``lora`` (the run's LoRA settings; its alpha,
+        dropout and target modules too)."""
+        return cls(experts=experts, expert_rank=max(1, lora.rank // experts), alpha=float(lora.alpha),
+                   dropout=lora.dropout, gate=gate, top_k=top_k, target_modules=tuple(lora.target_modules))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "target_modules": list(self.target_modules)}
+
+    @classmethod
     def from_dict(cls, d: dict) -> "MoELoraSettings":
         d = dict(d)
         d["target_modules"] = tuple(d.get("target_modules", LANGUAGE_MODEL_LINEARS))
@@ -107,38 +117,94 @@ class MoEAdapter(nn.Module):
         return nn.functional.linear(h, self.lora_B) * s.scaling
 
 
-class MoELoraLinear(nn.Module):
-    """A frozen linear layer plus named MoELoRA adapters, at most one active."""
+class AdaptedLinear(nn.Module):
+    """A frozen linear layer plus named adapters, at most one active: the wrapper MoELoRA's layer
+    shares with the other per-layer adapters (:mod:`mllmcl.methods._task_experts`). A subclass
+    sets ``slot``, the attribute holding its adapters (an ``nn.ModuleDict``, so part of the
+    parameter names), and ``label``, its name in errors."""
+
+    slot: str
+    label: str
 
     def __init__(self, base: nn.Linear):
         super().__init__()
         self.base_layer = base
-        self.moe = nn.ModuleDict()
+        setattr(self, self.slot, nn.ModuleDict())
         self.active: str | None = None
+
+    @property
+    def adapters(self) -> nn.ModuleDict:
+        return getattr(self, self.slot)
 
     @property
     def weight(self):  # some model code reads the wrapped layer's weight (dtype / device checks)
         return self.base_layer.weight
 
-    def add(self, name: str, s: MoELoraSettings) -> None:
-        w = self.base_layer.weight
-        self.moe[name] = MoEAdapter(self.base_layer.in_features, self.base_layer.out_features, s, w.dtype, w.device)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.active is None:
             return y
-        return y + self.moe[self.active](x)
+        return y + self.adapters[self.active](x)
+
+    @classmethod
+    def layers(cls, model: nn.Module) -> dict:
+        """``path -> layer`` of this class in ``model``."""
+        return {n: m for n, m in model.named_modules() if isinstance(m, cls)}
+
+    @classmethod
+    def targets(cls, model: nn.Module, target_modules) -> list[str]:
+        """The paths of the language model's linear layers (wrapped or not) ``target_modules`` names."""
+        pattern = re.compile(language_model_target_regex(target_modules))
+        return [n for n, m in model.named_modules() if pattern.fullmatch(n) and isinstance(m, (nn.Linear, cls))]
+
+    @classmethod
+    def wrap(cls, model: nn.Module, paths: list[str], name: str) -> dict:
+        """Wrap the layers at ``paths`` (once each; the first wrap freezes the base model's own
+        parameters), none of which may hold adapter ``name`` yet. Returns ``path -> layer``."""
+        if not cls.layers(model):
+            for p in model.parameters():
+                p.requires_grad_(False)
+        out = {}
+        for path in paths:
+            parent_name, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            layer = getattr(parent, child)
+            if not isinstance(layer, cls):
+                layer = cls(layer)
+                setattr(parent, child, layer)
+            if name in layer.adapters:
+                raise ValueError(f"{cls.label} adapter {name!r} already exists")
+            out[path] = layer
+        return out
+
+    @classmethod
+    def set_active(cls, model: nn.Module, name: str | None) -> None:
+        for layer in cls.layers(model).values():
+            if name is not None and name not in layer.adapters:
+                raise KeyError(f"{cls.label} adapter {name!r} is not loaded")
+            layer.active = name
+
+    @classmethod
+    def delete(cls, model: nn.Module, name: str) -> None:
+        for layer in cls.layers(model).values():
+            if layer.active == name:
+                layer.active = None
+            if name in layer.adapters:
+                del layer.adapters[name]
 
 
-def _targets(model: nn.Module, s: MoELoraSettings) -> list[str]:
-    pattern = re.compile(language_model_target_regex(s.target_modules))
-    return [n for n, m in model.named_modules()
-            if pattern.fullmatch(n) and isinstance(m, (nn.Linear, MoELoraLinear))]
+class MoELoraLinear(AdaptedLinear):
+    """A frozen linear layer plus named MoELoRA adapters (``moe``), at most one active."""
+
+    slot, label = "moe", "MoELoRA"
+
+    def add(self, name: str, s: MoELoraSettings) -> None:
+        w = self.base_layer.weight
+        self.moe[name] = MoEAdapter(self.base_layer.in_features, self.base_layer.out_features, s, w.dtype, w.device)
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoELoraLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, MoELoraLinear)}
+    return MoELoraLinear.layers(model)
 
 
 def add_moelora(model: nn.Module, s: MoELoraSettings, name: str = "default") -> nn.Module:
@@ -146,39 +212,21 @@ def add_moelora(model: nn.Module, s: MoELoraSettings, name: str = "default") -> 
 
     The base model's own parameters are frozen; only the new adapter is trainable.
     """
-    targets = _targets(model, s)
+    targets = MoELoraLinear.targets(model, s.target_modules)
     if not targets:
         raise ValueError(f"MoELoRA: no linear layer matches {s.target_modules} in the language model")
-    if not moe_layers(model):
-        for p in model.parameters():
-            p.requires_grad_(False)
-    for path in targets:
-        parent_name, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = getattr(parent, child)
-        if not isinstance(layer, MoELoraLinear):
-            layer = MoELoraLinear(layer)
-            setattr(parent, child, layer)
-        if name in layer.moe:
-            raise ValueError(f"MoELoRA adapter {name!r} already exists")
+    for layer in MoELoraLinear.wrap(model, targets, name).values():
         layer.add(name, s)
     set_active(model, name)
     return model
 
 
 def set_active(model: nn.Module, name: str | None) -> None:
-    for layer in moe_layers(model).values():
-        if name is not None and name not in layer.moe:
-            raise KeyError(f"MoELoRA adapter {name!r} is not loaded")
-        layer.active = name
+    MoELoraLinear.set_active(model, name)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    for layer in moe_layers(model).values():
-        if layer.active == name:
-            layer.active = None
-        if name in layer.moe:
-            del layer.moe[name]
+    MoELoraLinear.delete(model, name)
 
 
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -196,7 +244,7 @@ def save_moelora(model: nn.Module, folder: str, s: MoELoraSettings, name: str = 
     os.makedirs(folder, exist_ok=True)
     save_file(adapter_state_dict(model, name), os.path.join(folder, WEIGHTS_FILE))
     with open(os.path.join(folder, CONFIG_FILE), "w") as f:
-        json.dump({"type": "moelora", **asdict(s), "target_modules": list(s.target_modules)}, f, indent=2)
+        json.dump({"type": "moelora", **s.to_dict()}, f, indent=2)
 
 
 def read_settings(folder: str) -> MoELoraSettings:
@@ -281,12 +329,16 @@ class MoELoraKind:
     def extra_loss(self, model) -> torch.Tensor | None:
         return None
 
-    def save(self, model, uri: str, meta: dict) -> None:
+    def save(self, model, uri: str, meta: dict, extra=None) -> None:
+        """Publish the adapter at ``uri``; ``extra(folder)``, if given, writes a subclass's own files
+        into the folder first."""
         from mllmcl.models.adapters import publish_adapter
         from mllmcl.training.adapter_kinds import unwrap
 
         with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
             save_moelora(unwrap(model), tmp, self.settings)
+            if extra is not None:
+                extra(tmp)
             publish_adapter(tmp, uri, meta)
 
 
@@ -320,10 +372,8 @@ class MoELoRAOptions(MethodOptions):
 
 
 def moe_settings(cfg) -> MoELoraSettings:
-    m, lora = cfg.method, cfg.lora
-    return MoELoraSettings(experts=m.moe_experts, expert_rank=max(1, lora.rank // m.moe_experts),
-                           alpha=float(lora.alpha), dropout=lora.dropout, gate=m.moe_gate, top_k=m.moe_top_k,
-                           target_modules=tuple(lora.target_modules))
+    m = cfg.method
+    return MoELoraSettings.for_lora(cfg.lora, m.moe_experts, m.moe_gate, m.moe_top_k)
 
 
 @register("moelora")
@@ -333,10 +383,8 @@ class MoELoRA(CLMethod):
 
     def plan(self, stage: Stage):
         init = stage.expert_uri(stage.k - 1) if stage.k > 0 else None
-        moe = asdict(moe_settings(self.cfg))
-        moe["target_modules"] = list(moe["target_modules"])
         return [request(stage, "lora", stage.task.train, stage.expert_uri(), init_adapter=init,
-                        adapter_kind=MoELoraKind, adapter_args={"moe": moe})]
+                        adapter_kind=MoELoraKind, adapter_args={"moe": moe_settings(self.cfg).to_dict()})]
 
     def answer(self, stage: Stage, predictor) -> Answers:
         return answer_with(stage, predictor, stage.expert_uri())

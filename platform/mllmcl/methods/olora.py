@@ -78,6 +78,65 @@ def concatenate_lora(model, old: str = OLD, new: str = NEW):
     return config, {k: v.detach().cpu().contiguous() for k, v in merged.items()}
 
 
+def stack_on_previous(backbone_model, lora, previous: str | None, read_previous=None):
+    """The PEFT model of one stage of a concatenated-LoRA method (O-LoRA, and the methods built
+    on it: sefe, keeplora): a fresh LoRA ``NEW`` (``lora``: the run's :class:`LoraSettings`) and,
+    where ``previous`` (the previous stage's adapter URI) is set, that concatenated adapter loaded
+    frozen as ``OLD`` beside it — both in the forward, only ``NEW`` trainable.
+    ``read_previous(folder)``, if given, is called with the previous adapter's local folder (to
+    read the files a method keeps there beside the PEFT weights)."""
+    from peft import PeftModel, get_peft_model
+
+    from mllmcl.models.adapters import local_adapter
+    from mllmcl.models.lora import peft_config
+
+    config = peft_config(lora)
+    if not previous:
+        return get_peft_model(backbone_model, config, adapter_name=NEW)
+    with local_adapter(previous) as local:
+        model = PeftModel.from_pretrained(backbone_model, local, adapter_name=OLD, is_trainable=False)
+        if read_previous is not None:
+            read_previous(local)
+    model.add_adapter(NEW, config)
+    model.base_model.set_adapter([OLD, NEW])  # both in the forward; only NEW trains
+    for name, p in model.named_parameters():
+        p.requires_grad_(f".{NEW}." in name)
+    return model
+
+
+def save_stacked(model, uri: str, meta: dict, extra=None) -> None:
+    """Publish a :func:`stack_on_previous` model's stage adapter at ``uri`` as one PEFT folder:
+    ``NEW`` alone at the first stage, else ``OLD`` and ``NEW`` concatenated
+    (:func:`concatenate_lora`). ``extra(folder)``, if given, writes a method's own files into
+    the folder before it is published."""
+    from safetensors.torch import save_file
+
+    from mllmcl.models.adapters import publish_adapter
+
+    core = unwrap(model)
+    with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
+        if OLD not in core.peft_config:
+            core.save_pretrained(tmp, selected_adapters=[NEW], safe_serialization=True)
+            folder = os.path.join(tmp, NEW)
+        else:
+            config, weights = concatenate_lora(core)
+            folder = tmp
+            config.save_pretrained(folder)
+            save_file(weights, os.path.join(folder, "adapter_model.safetensors"))
+        if extra is not None:
+            extra(folder)
+        publish_adapter(folder, uri, meta)
+
+
+def stacked_request(stage: Stage, samples, adapter_kind: type, adapter_args: dict, **meta):
+    """Stage k's one fit for a :func:`stack_on_previous` kind: ``adapter_args`` plus ``previous``,
+    stage k-1's adapter (None at stage 0), which the fit waits for."""
+    previous = stage.expert_uri(stage.k - 1) if stage.k > 0 else None
+    return request(stage, "lora", samples, stage.expert_uri(), adapter_kind=adapter_kind,
+                   adapter_args={**adapter_args, "previous": previous},
+                   depends_on=[previous] if previous else [], **meta)
+
+
 class OLoraKind:
     """``adapter_args``: ``lambda1``, ``lambda2``, ``previous`` (URI of the earlier tasks' adapter or None)."""
 
@@ -89,22 +148,7 @@ class OLoraKind:
         self.previous = args.get("previous")
 
     def build(self, backbone_model):
-        from peft import PeftModel, get_peft_model
-
-        from mllmcl.models.adapters import local_adapter
-
-        from mllmcl.models.lora import peft_config
-
-        config = peft_config(self.request.lora)
-        if not self.previous:
-            return get_peft_model(backbone_model, config, adapter_name=NEW)
-        with local_adapter(self.previous) as local:
-            model = PeftModel.from_pretrained(backbone_model, local, adapter_name=OLD, is_trainable=False)
-        model.add_adapter(NEW, config)
-        model.base_model.set_adapter([OLD, NEW])  # both in the forward; only NEW trains
-        for name, p in model.named_parameters():
-            p.requires_grad_(f".{NEW}." in name)
-        return model
+        return stack_on_previous(backbone_model, self.request.lora, self.previous)
 
     def extra_loss(self, model) -> torch.Tensor | None:
         terms = []
@@ -115,20 +159,7 @@ class OLoraKind:
         return sum(terms) if terms else None
 
     def save(self, model, uri: str, meta: dict) -> None:
-        from safetensors.torch import save_file
-
-        from mllmcl.models.adapters import publish_adapter, save_adapter
-
-        core = unwrap(model)
-        meta = {**meta, "olora_lambda1": self.lambda1, "olora_lambda2": self.lambda2}
-        if not self.previous:
-            save_adapter(core, uri, meta, adapter_name=NEW)
-            return
-        config, weights = concatenate_lora(core)
-        with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
-            config.save_pretrained(tmp)
-            save_file(weights, os.path.join(tmp, "adapter_model.safetensors"))
-            publish_adapter(tmp, uri, meta)
+        save_stacked(model, uri, {**meta, "olora_lambda1": self.lambda1, "olora_lambda2": self.lambda2})
 
 
 @dataclass(frozen=True)
@@ -155,10 +186,8 @@ class OLoRA(CLMethod):
 
     def plan(self, stage: Stage):
         m = self.options
-        previous = stage.expert_uri(stage.k - 1) if stage.k > 0 else None
-        return [request(stage, "lora", stage.task.train, stage.expert_uri(), adapter_kind=OLoraKind,
-                        adapter_args={"lambda1": m.olora_lambda1, "lambda2": m.olora_lambda2, "previous": previous},
-                        depends_on=[previous] if previous else [], olora_tasks=stage.k + 1)]
+        return [stacked_request(stage, stage.task.train, OLoraKind,
+                                {"lambda1": m.olora_lambda1, "lambda2": m.olora_lambda2}, olora_tasks=stage.k + 1)]
 
     def answer(self, stage: Stage, predictor) -> Answers:
         return answer_with(stage, predictor, stage.expert_uri())

@@ -65,7 +65,6 @@ import math
 import os
 import random
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
@@ -75,8 +74,8 @@ import torch
 from mllmcl.data.prompts import LETTER_INSTRUCTION, LETTERS, MED_INSTRUCTION, YES_NO_INSTRUCTION
 from mllmcl.data.types import Sample
 from mllmcl.methods import register
-from mllmcl.methods.base import Answers, CLMethod, MethodOptions, ServingPlan, Stage, answer_with, request
-from mllmcl.methods.olora import NEW, OLD, concatenate_lora
+from mllmcl.methods.base import Answers, CLMethod, MethodOptions, ServingPlan, Stage, answer_with
+from mllmcl.methods.olora import NEW, OLD, save_stacked, stack_on_previous, stacked_request
 from mllmcl.training.adapter_kinds import unwrap
 
 POSITIONS_FILE = "sefe_positions.idx"  # safetensors; not *.safetensors: see the module's docstring
@@ -195,27 +194,19 @@ class SEFEKind:
         self.top_fraction = float(args.get("top_fraction", 0.02))
         self.previous = args.get("previous")
         self.positions: dict[str, torch.Tensor] = {}  # the earlier tasks' key elements (empty at stage 0)
+        self.shapes: dict[str, tuple[int, int]] = {}  # their layers' (out, in), stored with them
         self._on_device: dict[str, torch.Tensor] = {}
 
     def build(self, backbone_model):
-        from peft import PeftModel, get_peft_model
+        def read_positions(folder):
+            self.positions, self.shapes = load_positions(folder)
 
-        from mllmcl.models.adapters import local_adapter
-        from mllmcl.models.lora import peft_config
-
-        config = peft_config(self.request.lora)
+        model = stack_on_previous(backbone_model, self.request.lora, self.previous, read_positions)
         if not self.previous:
-            return get_peft_model(backbone_model, config, adapter_name=NEW)
-        with local_adapter(self.previous) as local:
-            model = PeftModel.from_pretrained(backbone_model, local, adapter_name=OLD, is_trainable=False)
-            self.positions, shapes = load_positions(local)
-        model.add_adapter(NEW, config)
-        model.base_model.set_adapter([OLD, NEW])  # both in the forward; only NEW trains
-        for name, p in model.named_parameters():
-            p.requires_grad_(f".{NEW}." in name)
+            return model
         for layer in lora_layers(model, OLD).values():  # the merged earlier LoRAs: no dropout on them
             layer.lora_dropout[OLD] = torch.nn.Identity()
-        if layer_shapes(model) != shapes or set(self.positions) != set(shapes):
+        if layer_shapes(model) != self.shapes or set(self.positions) != set(self.shapes):
             raise ValueError(f"{self.previous}: the stored key elements do not match the new LoRA's layers "
                              f"(lora.target_modules must stay the same over the stream)")
         return model
@@ -229,26 +220,13 @@ class SEFEKind:
         return self.lam * sefe_penalty(model, self._on_device)
 
     def save(self, model, uri: str, meta: dict) -> None:
-        from safetensors.torch import save_file
-
-        from mllmcl.models.adapters import publish_adapter
-
         core = unwrap(model)
         fresh = key_positions(core, self.top_fraction)
         positions = union_positions(self.positions, fresh) if self.positions else fresh
         meta = {**meta, "sefe_lambda": self.lam, "sefe_top_fraction": self.top_fraction,
                 "sefe_key_elements": sum(int(p.numel()) for p in positions.values())}
-        with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
-            if not self.previous:
-                core.save_pretrained(tmp, selected_adapters=[NEW], safe_serialization=True)
-                folder = os.path.join(tmp, NEW)
-            else:
-                config, weights = concatenate_lora(core)
-                folder = tmp
-                config.save_pretrained(folder)
-                save_file(weights, os.path.join(folder, "adapter_model.safetensors"))
-            save_positions(positions, layer_shapes(core), folder, {"top_fraction": self.top_fraction})
-            publish_adapter(folder, uri, meta)
+        save_stacked(core, uri, meta, extra=lambda folder: save_positions(
+            positions, layer_shapes(core), folder, {"top_fraction": self.top_fraction}))
 
 
 # --------------------------------------------------------------------------- answer-style diversification
@@ -401,13 +379,10 @@ class SEFE(CLMethod):
 
     def plan(self, stage: Stage):
         m = self.options
-        previous = stage.expert_uri(stage.k - 1) if stage.k > 0 else None
         samples, styles = diversify(stage.task.train, m.sefe_asd_fraction, stage.cfg.run.seed, stage.k)
-        return [request(stage, "lora", samples, stage.expert_uri(), adapter_kind=SEFEKind,
-                        adapter_args={"lambda": m.sefe_lambda, "top_fraction": m.sefe_top_fraction,
-                                      "previous": previous},
-                        depends_on=[previous] if previous else [], sefe_tasks=stage.k + 1,
-                        sefe_asd_fraction=m.sefe_asd_fraction, sefe_asd_styles=styles)]
+        return [stacked_request(stage, samples, SEFEKind, {"lambda": m.sefe_lambda, "top_fraction": m.sefe_top_fraction},
+                                sefe_tasks=stage.k + 1, sefe_asd_fraction=m.sefe_asd_fraction,
+                                sefe_asd_styles=styles)]
 
     def answer(self, stage: Stage, predictor) -> Answers:
         return answer_with(stage, predictor, stage.expert_uri())
