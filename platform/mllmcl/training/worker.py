@@ -62,6 +62,11 @@ def _maybe_inject_failure(spec: dict | None, step: int, rank: int) -> None:
     marker.write_text(f"killed rank {rank} at step {step} pid {os.getpid()}\n")
     if spec.get("raise"):
         raise RuntimeError(f"injected failure at step {step} (test hook)")
+    # Ray Train collects a worker's reports when its controller polls (every health-check interval):
+    # a worker killed at once may take its last reports with it, and a fit of a few fast steps then
+    # restarts from step 0. The tests are about resuming from a registered checkpoint, so the
+    # injected kill lets the controller collect what was reported first.
+    time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) * 4)
     os._exit(1)
 
 
