@@ -16,6 +16,12 @@ RAY_ADDRESS (or under ``ray job submit``) the application is deployed on that cl
 this command returns once it is running; ``serve shutdown`` or ``serve delete`` removes it.
 Settings (host, port, batching, replicas, autoscaling, resources, request limits):
 ``mllmcl.serving.config.ServeConfig``; binds 127.0.0.1 unless ``host=`` says otherwise.
+
+API keys: ``auth.keys_file=<file>`` (one per line) and/or the MLLMCL_API_KEYS environment
+variable; clients send ``Authorization: Bearer <key>`` (the openai package's ``api_key``). A
+non-loopback ``host=`` without keys is refused unless ``auth.allow_unauthenticated=true``. Each
+deployment's queue is bounded (``ingress.max_queued_requests`` ...): a burst beyond it is answered
+503 with ``Retry-After`` (``retry_after_s``).
 """
 
 import argparse
@@ -38,7 +44,14 @@ def main(argv=None) -> int:
     try:
         from mllmcl.serving import load_serve_config, load_served_run
 
+        from mllmcl.errors import ConfigError
+        from mllmcl.serving.auth import bind_problems, load_key_digests
+
         cfg = load_serve_config(absolute(args.config) if args.config else None, args.overrides)
+        problems = bind_problems(cfg.host, load_key_digests(cfg.auth.keys_file, cfg.auth.keys_env),
+                                 cfg.auth.allow_unauthenticated)
+        if problems:
+            raise ConfigError(problems)
         load_served_run(args.run, cfg.stage, model_path=cfg.model_path, dtype=cfg.dtype,
                         base_only=cfg.base_only)  # every problem is reported before Ray starts
     except MllmclError as e:

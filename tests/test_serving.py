@@ -153,6 +153,53 @@ def test_serve_config_is_validated():
     assert opts["autoscaling_config"]["max_replicas"] == 4 and opts["ray_actor_options"]["num_gpus"] == 1
 
 
+KEY = "k-" + "0123456789abcdef" * 2  # a test key (never a real one)
+
+
+def test_api_keys_come_from_a_file_and_the_environment(tmp_path, monkeypatch):
+    from mllmcl.serving.auth import bind_problems, digest, key_allowed, load_key_digests
+
+    keys = tmp_path / "keys"
+    keys.write_text(f"# the team's keys\n{KEY}\n  {KEY[::-1]}  # rotated in\n")
+    monkeypatch.setenv("MLLMCL_API_KEYS", "env-key-abcdefghijklmnop, env-key-2-abcdefghijklmn")
+    digests = load_key_digests(str(keys), "MLLMCL_API_KEYS")
+    assert digests == tuple(sorted(digest(k) for k in (KEY, KEY[::-1], "env-key-abcdefghijklmnop",
+                                                      "env-key-2-abcdefghijklmn")))
+    assert KEY not in repr(digests)  # only digests travel to the replicas
+    for header in (f"Bearer {KEY}", f"bearer  {KEY[::-1]} ", "Bearer env-key-2-abcdefghijklmn"):
+        assert key_allowed(header, digests), header
+    for header in (None, "", "Bearer", f"Basic {KEY}", f"Bearer {KEY}x", f"Bearer {KEY[:-1]}", KEY):
+        assert not key_allowed(header, digests), header
+    assert not key_allowed("Bearer ", (digest(""),))  # an empty key never passes
+    monkeypatch.delenv("MLLMCL_API_KEYS")
+    assert load_key_digests("", "MLLMCL_API_KEYS") == ()
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing yet\n")
+    monkeypatch.setenv("OTHER_KEYS", "short")
+    with pytest.raises(ConfigError) as e:  # every problem at once, and a named file that is wrong never means "open"
+        load_key_digests(str(empty), "OTHER_KEYS")
+    assert "holds no key" in str(e.value) and "shorter than 16" in str(e.value)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_key_digests(str(tmp_path / "missing"), "")
+    assert bind_problems("127.0.0.1", (), False) == [] and bind_problems("::1", (), False) == []
+    assert bind_problems("0.0.0.0", digests, False) == [] and bind_problems("0.0.0.0", (), True) == []
+    assert "no API key" in bind_problems("0.0.0.0", (), False)[0]
+    assert bind_problems("head.cluster.internal", (), False)  # a host name is not known to be loopback
+
+
+def test_serve_job_refuses_an_open_non_loopback_endpoint(tmp_path):
+    """``jobs/serve.py host=0.0.0.0`` without keys stops before Ray starts, naming the fix."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MLLMCL_API_KEYS"}
+    out = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "jobs" / "serve.py"), "--run",
+                          str(tmp_path / "runs" / "any"), "host=0.0.0.0"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "no API key is configured" in out.stderr and "auth.allow_unauthenticated=true" in out.stderr
+
+
 def test_served_run_plan_and_refusals(run, tmp_path):
     served = load_served_run(str(run))
     assert served.stage == len(TASKS) - 1 and list(served.experts) == TASKS and served.routed
@@ -440,6 +487,64 @@ def test_the_service_routes_with_the_runs_own_router(run, service, synthetic_sma
     # the pinned expert is the run's own (copied byte for byte): it answers as the source run's cache holds
     assert status == 200 and out["choices"][0]["message"]["content"] == _oracle(run, len(TASKS) - 1,
                                                                                 TASKS[-1])[samples[-1].uid]
+
+
+def test_keys_and_a_bounded_queue(run, service, synthetic_small, tmp_path):
+    """The app redeployed with API keys (a file) and a one-request ingress queue: the stock
+    ``openai`` client is refused without a key or with a wrong one (401) and served with the
+    right one; a burst gets 503s with Retry-After, never a hang, and every other request its
+    answer; no key reaches Ray's logs. Deployed in place of the module's app (after the last
+    test that uses it)."""
+    import time
+
+    import ray
+    from openai import AuthenticationError, OpenAI
+
+    from mllmcl import storage
+    from mllmcl.data.prompts import eval_prompt
+    from mllmcl.serving.app import start
+
+    keys = tmp_path / "keys"
+    keys.write_text(KEY + "\n")
+    port = int(service.rsplit(":", 1)[1])
+    cfg = load_serve_config(None, [f"port={port}", f"app_name={APP}", "batch_wait_timeout_s=0", *LIMITS,
+                                   f"auth.keys_file={keys}", "auth.keys_env=", "ingress.max_ongoing_requests=1",
+                                   "ingress.max_queued_requests=1", "retry_after_s=2"])
+    start(str(run), cfg)
+    sample = _samples(synthetic_small).tasks[0].test[0]
+    body = chat_request(eval_prompt(sample), storage.read_bytes(sample.image), model=TASKS[0])
+    for bad in (None, "wrong-key-0123456789abcdef"):
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {bad}"} if bad else {})}
+        req = urllib.request.Request(f"{service}/v1/chat/completions", data=json.dumps(body).encode(), headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        assert e.value.code == 401 and e.value.headers["WWW-Authenticate"] == "Bearer"
+        assert json.loads(e.value.read())["error"]["code"] == "invalid_api_key"
+    assert _get(f"{service}/healthz") == {"status": "ok"}  # open to probes, says nothing of the run
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{service}/v1", api_key="wrong-key-0123456789abcdef", max_retries=0).models.list()
+    client = OpenAI(base_url=f"{service}/v1", api_key=KEY, max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list()] == ["served", *TASKS]
+
+    def post(_):
+        req = urllib.request.Request(f"{service}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        t0 = time.time()
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, None, time.time() - t0
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("Retry-After"), time.time() - t0
+
+    with ThreadPoolExecutor(24) as pool:
+        burst = list(pool.map(post, range(24)))
+    codes = [c for c, _, _ in burst]
+    assert set(codes) <= {200, 503} and codes.count(200) >= 1 and codes.count(503) >= 1, codes
+    assert all(r == "2" for c, r, _ in burst if c == 503), burst
+    assert max(t for c, _, t in burst if c == 503) < 30, burst  # refused at once, not after a wait
+    session = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    leaked = [p.name for p in session.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
+    assert not leaked, leaked
 
 
 def test_evaluate_job_reproduces_the_stream_score(run, synthetic_small, ray_session, capsys):

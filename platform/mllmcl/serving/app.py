@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from mllmcl.serving.auth import bind_problems, key_allowed, load_key_digests
 from mllmcl.serving.config import ServeConfig, load_serve_config
 from mllmcl.serving.protocol import (RequestError, completion_chunks, completion_response, max_body_bytes,
                                      parse_chat_request)
@@ -204,12 +205,17 @@ class _TokenCounter:
                                         f"{self.context}", "messages", "context_length_exceeded")
 
 
+_UNAUTHORIZED = {"error": {"message": "a valid API key is needed: send it as `Authorization: Bearer <key>`",
+                            "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+
+
 @serve.ingress(api)
 class _Ingress:
-    def __init__(self, run: ServedRun, cfg: ServeConfig, router, pool):
+    def __init__(self, run: ServedRun, cfg: ServeConfig, router, pool, key_digests: tuple[str, ...] = ()):
         from mllmcl.routing import get_router
 
         self.run, self.cfg, self.router, self.pool = run, cfg, router, pool
+        self.key_digests = tuple(key_digests)  # SHA-256 of the API keys (none: an open endpoint)
         self.needs_task = run.router is not None and get_router(run.router["kind"]).needs_truth
         self.names = list(run.experts)
         self.limits = cfg.limits
@@ -219,15 +225,36 @@ class _Ingress:
     def _error(self, e: RequestError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
+    def _authorized(self, request: Request) -> bool:
+        return not self.key_digests or key_allowed(request.headers.get("authorization"), self.key_digests)
+
+    def _unauthorized(self) -> JSONResponse:
+        return JSONResponse(_UNAUTHORIZED, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+    def _overloaded(self, e: Exception) -> JSONResponse:
+        """A full queue behind the ingress (router or experts): 503 with Retry-After, as Serve's
+        proxy answers when the ingress's own queue is full."""
+        import math
+
+        wait = getattr(e, "retry_after_s", None)
+        wait = self.cfg.retry_after_s if wait is None else wait
+        return JSONResponse({"error": {"message": "the service is at capacity; retry later", "type": "server_error",
+                                       "param": None, "code": "overloaded"}}, status_code=503,
+                            headers={"Retry-After": str(max(0, math.ceil(wait)))})
+
     @api.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok", **self.run.to_dict()}
+    async def healthz(self, request: Request) -> dict:
+        """Open (load balancers probe it); what is served only with a key when keys are set."""
+        return {"status": "ok", **(self.run.to_dict() if self._authorized(request) else {})}
 
     @api.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request) -> Any:
         """The routed ensemble first (its id is the run id: the router picks the expert), then
         every expert (its task name: pins it and skips the router)."""
         from mllmcl.data.prompts import LETTERS
+
+        if not self._authorized(request):
+            return self._unauthorized()
 
         ensemble = {"id": self.run.run_id, "object": "model", "created": self.created, "owned_by": "mllmcl",
                     "mllmcl": {"kind": "ensemble", "routed": self.run.routed, "stage": self.run.stage,
@@ -241,6 +268,10 @@ class _Ingress:
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Any:
+        from ray.serve.exceptions import BackPressureError
+
+        if not self._authorized(request):
+            return self._unauthorized()
         try:
             length = request.headers.get("content-length")
             if length and length.isdigit() and int(length) > max_body_bytes(self.limits):
@@ -276,18 +307,22 @@ class _Ingress:
             return JSONResponse(completion_response(expert, out, extra))
         except RequestError as e:
             return self._error(e)
+        except BackPressureError as e:
+            return self._overloaded(e)
         except Exception as e:  # a failure of one request never takes the service down
             log.exception("request failed")
             return JSONResponse({"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",
                                            "param": None, "code": "internal_error"}}, status_code=500)
 
 
-def build_app(run: ServedRun, cfg: ServeConfig, env: dict[str, str] | None = None):
+def build_app(run: ServedRun, cfg: ServeConfig, env: dict[str, str] | None = None,
+              key_digests: tuple[str, ...] = ()):
     """The Serve application (ingress + router + expert pool) of a loaded run; ``env`` is set
-    in every replica (cache location, S3 access)."""
+    in every replica (cache location, S3 access); ``key_digests``: the API keys' digests
+    (:func:`mllmcl.serving.auth.load_key_digests`; none = an open endpoint)."""
 
     def options(settings, name: str) -> dict:
-        opts = settings.options(name)
+        opts = settings.options(name, cfg.retry_after_s)
         if env:
             opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(env)}
         return opts
@@ -300,7 +335,7 @@ def build_app(run: ServedRun, cfg: ServeConfig, env: dict[str, str] | None = Non
     if run.router is not None and not get_router(run.router["kind"]).needs_truth:  # the oracle needs no model
         router = serve.deployment(_RouterDeployment).options(**options(cfg.router, "router")).bind(run, cfg)
     ingress = serve.deployment(_Ingress).options(**options(cfg.ingress, "ingress"))
-    return ingress.bind(run, cfg, router, pool)
+    return ingress.bind(run, cfg, router, pool, tuple(key_digests))
 
 
 def app_builder(args: dict):
@@ -309,15 +344,23 @@ def app_builder(args: dict):
         raise ValueError("app_builder needs args.run: the run's URI (<storage root>/runs/<run id>)")
     cfg = load_serve_config(args.get("config"), list(args.get("overrides") or []))
     run = load_served_run(args["run"], cfg.stage, model_path=cfg.model_path, dtype=cfg.dtype, base_only=cfg.base_only)
-    return build_app(run, cfg)
+    # the keys as the builder's node sees them (the Serve config file's env_vars or a mounted file);
+    # the proxy's host is the config file's http_options, which a builder does not see
+    return build_app(run, cfg, key_digests=load_key_digests(cfg.auth.keys_file, cfg.auth.keys_env))
 
 
 def start(run_uri: str, cfg: ServeConfig, *, blocking: bool = False):
     """Deploy the run's application on the connected Ray cluster; returns the loaded run."""
     from mllmcl.cluster import forwarded_env
 
+    from mllmcl.errors import ConfigError
+
+    digests = load_key_digests(cfg.auth.keys_file, cfg.auth.keys_env)
+    problems = bind_problems(cfg.host, digests, cfg.auth.allow_unauthenticated)
+    if problems:
+        raise ConfigError(problems)
     run = load_served_run(run_uri, cfg.stage, model_path=cfg.model_path, dtype=cfg.dtype, base_only=cfg.base_only)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(run, cfg, forwarded_env()), name=cfg.app_name, route_prefix=cfg.route_prefix,
+    serve.run(build_app(run, cfg, forwarded_env(), digests), name=cfg.app_name, route_prefix=cfg.route_prefix,
               blocking=blocking)
     return run

@@ -24,6 +24,9 @@ class DeploymentSettings:
     max_replicas: int = 0
     target_ongoing_requests: float = 16.0
     max_ongoing_requests: int = 128
+    # requests waiting at each caller (the HTTP proxy, or the ingress for router and experts) beyond
+    # the replicas' max_ongoing_requests; more are answered 503 with Retry-After (-1 = no bound)
+    max_queued_requests: int = 256
     num_cpus: float = 0.0  # Serve's default is 1 CPU per replica; a 3-deployment app then needs 3 CPUs
     num_gpus: float = 0.0
     threads: int = 0  # torch threads per replica (0 = torch's default)
@@ -38,13 +41,19 @@ class DeploymentSettings:
             p.append(f"{where}.max_replicas={self.max_replicas}: must be >= 0 (0 = no autoscaling)")
         if self.target_ongoing_requests <= 0 or self.max_ongoing_requests < 1:
             p.append(f"{where}: target_ongoing_requests must be > 0 and max_ongoing_requests >= 1")
+        if self.max_queued_requests < 1 and self.max_queued_requests != -1:
+            p.append(f"{where}.max_queued_requests={self.max_queued_requests}: must be >= 1 (or -1: no bound)")
         if self.num_cpus < 0 or self.num_gpus < 0 or self.threads < 0:
             p.append(f"{where}: num_cpus, num_gpus and threads must be >= 0")
         return p
 
-    def options(self, name: str) -> dict:
+    def options(self, name: str, retry_after_s: float = 1.0) -> dict:
         """Keyword arguments of ``Deployment.options``."""
+        from ray.serve.config import BackpressureConfig
+
         opts: dict = {"name": name, "max_ongoing_requests": self.max_ongoing_requests,
+                      "max_queued_requests": self.max_queued_requests,
+                      "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=retry_after_s),
                       "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
         if self.max_replicas:
             opts["autoscaling_config"] = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
@@ -74,6 +83,17 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """API keys (:mod:`mllmcl.serving.auth`): a file of keys and/or an environment variable
+    holding them; with none the endpoint is open, which is refused on a non-loopback host
+    unless ``allow_unauthenticated``."""
+
+    keys_file: str = ""
+    keys_env: str = "MLLMCL_API_KEYS"
+    allow_unauthenticated: bool = False
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -86,6 +106,8 @@ class ServeConfig:
     max_batch_size: int = 32  # rows in one forward (router and experts)
     batch_wait_timeout_s: float = 0.005  # longer (0.05-0.15) forms bigger batches under heavy load (bench/serve_load.py)
     max_experts_per_replica: int = 8  # LRU of loaded experts per expert-pool replica (Serve multiplexing)
+    retry_after_s: float = 1.0  # the Retry-After of a 503 answered when a queue is full
+    auth: AuthSettings = field(default_factory=AuthSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     ingress: DeploymentSettings = field(default_factory=DeploymentSettings)
     router: DeploymentSettings = field(default_factory=DeploymentSettings)
@@ -99,6 +121,8 @@ class ServeConfig:
             p.append(f"route_prefix={self.route_prefix!r}: must start with '/'")
         if self.max_batch_size < 1 or self.max_experts_per_replica < 1:
             p.append("max_batch_size and max_experts_per_replica must be >= 1")
+        if self.retry_after_s < 0:
+            p.append(f"retry_after_s={self.retry_after_s}: must be >= 0")
         if self.batch_wait_timeout_s < 0:
             p.append(f"batch_wait_timeout_s={self.batch_wait_timeout_s}: must be >= 0")
         if self.dtype not in ("", "float32", "bfloat16", "float16"):
@@ -115,4 +139,6 @@ def load_serve_config(path: str | Path | None = None, overrides: list[str] | Non
     cfg = build_dataclass(ServeConfig, load_yaml(path) if path else {}, overrides)
     if cfg.model_path and cfg.model_path != TINY_MODEL:
         cfg = dataclasses.replace(cfg, model_path=absolute(cfg.model_path))
+    if cfg.auth.keys_file:
+        cfg = dataclasses.replace(cfg, auth=dataclasses.replace(cfg.auth, keys_file=absolute(cfg.auth.keys_file)))
     return cfg
