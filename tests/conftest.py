@@ -11,6 +11,7 @@ inherits them.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -194,6 +195,54 @@ def _session_bucket(s3_server):
 def s3_bucket(_session_bucket):
     """An empty ``s3://bucket/prefix`` of its own for each test."""
     return f"s3://{_session_bucket}/{uuid.uuid4().hex[:10]}"
+
+
+# --------------------------------------------------------------------------- MLflow
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite store, artifacts proxied by the server into a
+    temporary folder), started and stopped by this session; yields its tracking URI."""
+    import sys
+    import urllib.request
+
+    mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable))
+    if mlflow is None:
+        pytest.fail("the mlflow CLI is not installed (it is a dev dependency)")
+    workdir = tempfile.mkdtemp(prefix="mlflow-")
+    port = _free_port()
+    cmd = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db", "--artifacts-destination", f"{workdir}/artifacts"]
+    log = open(os.path.join(workdir, "mlflow.log"), "wb")
+    # its own process group: the server's workers are stopped with it, by its PID
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited early; see {workdir}/mlflow.log")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"mlflow server did not come up within 120 s; see {workdir}/mlflow.log")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- Ray

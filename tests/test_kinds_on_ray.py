@@ -34,14 +34,11 @@ OWN_KINDS = {"olora", "moelora", "sefe", "keeplora", "clmoe", "phi_dpo", "hide",
 def _train_all(config: dict) -> None:
     """Ray Train's per-worker entry point here: the fits one after another in one worker group,
     each from its start (the group's latest checkpoint is the previous fit's: not resumed from)."""
-    import contextlib
-
     from mllmcl.training.worker import RayTrainSession, train_adapter
 
     class Fresh(RayTrainSession):
-        @contextlib.contextmanager
-        def latest_checkpoint(self):
-            yield None
+        def checkpoints(self):
+            return []
 
     for fit in config["fits"]:
         train_adapter(fit, Fresh())

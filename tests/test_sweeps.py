@@ -123,10 +123,13 @@ def _write_sweep(path: Path, stream_overrides, storage: Path, num_samples: int, 
 HOPELESS_LR = 1e-9  # learns nothing in 30 steps: the base model's score after task 1
 
 
-def test_sweep_reports_every_task_and_writes_results(ray_session, tmp_path, stream_overrides):
+def test_sweep_reports_every_task_and_writes_results(ray_session, tmp_path, stream_overrides, mlflow_server):
     """Trials run the stream (local backend inside each trial, for speed), one at a time in grid
     order; ASHA stops the hopeless last configuration after task 1 (the two trials before it
-    set the bar); the best preset reproduces its reported objective through the stream job."""
+    set the bar); the best preset reproduces its reported objective through the stream job.
+    Tracked in a real MLflow server: the trials' runs are nested under the sweep's run."""
+    from mlflow.tracking import MlflowClient
+
     from mllmcl.config import load_config
     from mllmcl.tuning.tune_run import run_sweep
     from mllmcl import run_stream
@@ -135,8 +138,29 @@ def test_sweep_reports_every_task_and_writes_results(ray_session, tmp_path, stre
     # these rates learn RS measurably there (25-30%), on the plumbing base nothing does (all 0)
     spec = load_spec(_write_sweep(tmp_path / "asha.yaml", stream_overrides, tmp_path / "store", 1,
                                   space={"train.lr": {"grid": [5e-3, 1e-2, HOPELESS_LR]}},
-                                  extra=("model.path=tiny", "data.root=synthetic", "data.limit=40")))
+                                  extra=("model.path=tiny", "data.root=synthetic", "data.limit=40",
+                                         f"tracking.mlflow_uri={mlflow_server}", "tracking.experiment=sweeps")))
     res = run_sweep(spec)
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("sweeps").experiment_id
+    parent = [r for r in client.search_runs([exp]) if r.info.run_name == "asha"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    parent = parent[0]
+    assert parent.data.metrics["best_objective"] == pytest.approx(res.best["objective"])
+    assert {"results.json", "best.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    trials = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_trial = {t.info.run_name: t for t in trials}
+    assert sorted(by_trial) == sorted(r["trial_id"] for r in res.rows)  # one nested run per trial
+    for r in res.rows:
+        t = by_trial[r["trial_id"]]
+        assert float(t.data.params["train.lr"]) == pytest.approx(r["config"]["train.lr"])  # Tune's setup_mlflow
+        assert t.data.params["method.name"] == "lora_ft"  # the stream's own config
+        done = r["stop_reason"] == "completed"
+        assert t.info.status == ("FINISHED" if done else "KILLED"), (r, t.info.status)
+        acc = client.get_metric_history(t.info.run_id, "acc/RS")
+        assert [m.step for m in acc] == ([0, 1] if done else [0])
+        if done:
+            assert t.data.metrics["MAA"] == pytest.approx(r["MAA"])
     assert len(res.rows) == 3
     by_lr = {r["config"]["train.lr"]: r for r in res.rows}
     hopeless = by_lr[HOPELESS_LR]

@@ -28,11 +28,12 @@ from mllmcl.methods import get_method, method_options, registered_methods
 from mllmcl.methods.base import MethodOptions
 from mllmcl.paths import SYNTHETIC_DATA, TINY_MODEL, absolute, is_uri
 from mllmcl.settings import (DataConfig, EvalConfig, LoraConfig, LoraSettings, ModelConfig, RunSection,  # noqa: F401
-                             ScalingConfig, StorageConfig, TrainConfig, TrainSettings, _build, _to_plain,
-                             apply_overrides, build_dataclass, load_yaml, parse_override)
+                             ScalingConfig, StorageConfig, TrackingConfig, TrainConfig, TrainSettings, _build,
+                             _to_plain, apply_overrides, build_dataclass, load_yaml, parse_override)
 
 __all__ = ["Config", "DataConfig", "EvalConfig", "LoraConfig", "LoraSettings", "ModelConfig", "RunSection",
-           "ScalingConfig", "StorageConfig", "TrainConfig", "TrainSettings", "absolute_paths", "apply_overrides",
+           "ScalingConfig", "StorageConfig", "TrackingConfig", "TrainConfig", "TrainSettings", "absolute_paths",
+           "apply_overrides",
            "build_dataclass", "config_from_dict", "known_methods", "load_config", "load_yaml", "local_paths",
            "parse_override"]
 
@@ -56,6 +57,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     run: RunSection = field(default_factory=RunSection)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def check(self) -> list[str]:
         out: list[str] = []
@@ -152,6 +154,9 @@ def local_paths(cfg: Config) -> dict[str, str]:
         out["data.root"] = cfg.data.root
     if cfg.model.path != TINY_MODEL:
         out["model.path"] = cfg.model.path
+    out["tracking.tensorboard_dir"] = cfg.tracking.tensorboard_dir
+    if ":" not in cfg.tracking.mlflow_uri:  # a plain folder (MLflow's file store), not a URI
+        out["tracking.mlflow_uri"] = cfg.tracking.mlflow_uri
     return {k: v for k, v in out.items() if v and not is_uri(v)}
 
 
@@ -165,4 +170,7 @@ def absolute_paths(cfg: Config, cwd: str | None = None) -> Config:
     return dataclasses.replace(
         cfg, storage=dataclasses.replace(cfg.storage, root=paths.get("storage.root", cfg.storage.root)),
         data=dataclasses.replace(cfg.data, root=paths.get("data.root", cfg.data.root)),
-        model=dataclasses.replace(cfg.model, path=paths.get("model.path", cfg.model.path)))
+        model=dataclasses.replace(cfg.model, path=paths.get("model.path", cfg.model.path)),
+        tracking=dataclasses.replace(cfg.tracking,
+                                     tensorboard_dir=paths.get("tracking.tensorboard_dir", cfg.tracking.tensorboard_dir),
+                                     mlflow_uri=paths.get("tracking.mlflow_uri", cfg.tracking.mlflow_uri)))

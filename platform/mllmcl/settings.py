@@ -295,13 +295,50 @@ class RunSection:
     # concurrent: independent fits at once, evaluation beside later fits; sequential: one thing at a
     # time in stream order (online arrival). Both give the same adapters and matrix.
     schedule: str = "concurrent"
+    # the driver's lease on the run (storage/lease.py): renewed every third of it; a dead driver's is
+    # taken over once this old (at once on the same host); 0 = no lease
+    lease_seconds: float = 60.0
 
     def check(self) -> list[str]:
         p = []
+        if self.lease_seconds < 0:
+            p.append(f"run.lease_seconds={self.lease_seconds}: must be >= 0 (0 = no lease)")
         if self.id and not all(c.isalnum() or c in "-_." for c in self.id):
             p.append(f"run.id={self.id!r}: use letters, digits, '-', '_' or '.' only")
         if self.schedule not in ("concurrent", "sequential"):
             p.append(f"run.schedule={self.schedule!r}: expected concurrent or sequential")
+        return p
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking (:mod:`mllmcl.tracking`): where a run's parameters, per-step training
+    curves, accuracy rows, final metrics and report also go, besides its own folder. Off by
+    default; changing it never changes what a run computes (a run may resume with other settings)."""
+
+    mlflow_uri: str = ""  # an MLflow tracking URI: http(s)://server, sqlite:///file.db, a folder; "" = off
+    experiment: str = ""  # the MLflow experiment / W&B project; "" = mllmcl-<stream>
+    run_name: str = ""  # "" = the run id
+    parent_run_id: str = ""  # nest this run under an MLflow run (a sweep's trials under the sweep)
+    run_id: str = ""  # log into this existing MLflow run instead of creating one (a Tune trial's)
+    tensorboard: bool = False  # TensorBoard event files in the run folder (tensorboard/)
+    tensorboard_dir: str = ""  # ... or in this local folder (<dir>/<run id>)
+    wandb: bool = False  # Weights & Biases, where its package is installed
+    wandb_mode: str = "offline"  # offline (files under the run folder, `wandb sync` later) or online
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.mlflow_uri or self.tensorboard or self.tensorboard_dir or self.wandb)
+
+    def check(self) -> list[str]:
+        p = []
+        if self.wandb_mode not in ("offline", "online"):
+            p.append(f"tracking.wandb_mode={self.wandb_mode!r}: expected offline or online")
+        if (self.parent_run_id or self.run_id) and not self.mlflow_uri:
+            p.append("tracking.parent_run_id / tracking.run_id name MLflow runs: set tracking.mlflow_uri too")
+        if self.tensorboard_dir and "://" in self.tensorboard_dir:
+            p.append(f"tracking.tensorboard_dir={self.tensorboard_dir!r}: a local folder (with an s3:// storage.root "
+                     f"the run folder's tensorboard/ gets a copy after every stage)")
         return p
 
 
@@ -375,7 +412,7 @@ def _coerce(value: Any, tp, where: str, problems: list[str]):
 
 # settings that may change when a run is resumed (they do not change its results)
 RESUMABLE_CHANGES = ("run.progress", "run.schedule", "scaling.", "train.gradient_checkpointing", "eval.batch_size",
-                     "storage.root", "data.checksum_images")
+                     "storage.root", "data.checksum_images", "tracking.", "run.lease_seconds")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

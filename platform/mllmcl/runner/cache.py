@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from mllmcl import storage
+from mllmcl import chaos, storage
 from mllmcl.data.prompts import eval_prompt
 from mllmcl.data.types import Sample
 from mllmcl.storage.layout import RunLayout
@@ -154,6 +154,7 @@ class CachedPredictor:
                 out[i] = p
                 self.cache.put(adapters[i], samples[i].uid, max_new_tokens, p)
                 self.cache.misses += 1
+            chaos.point("eval")  # tests: a kill in the middle of an evaluation
         return out  # type: ignore[return-value]
 
     def complete(self, prompts: Sequence[str], images: Sequence[str], adapter: str | None,

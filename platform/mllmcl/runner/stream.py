@@ -37,7 +37,10 @@ from mllmcl.runner.executors import InlineExecutor
 from mllmcl.runner.resume import check_resume, identity
 from mllmcl.runner.schedule import Job, StageWork, build_graph, run_schedule
 from mllmcl.storage.layout import RunLayout, relative_adapter
+from mllmcl.storage.lease import RunLease
 from mllmcl.storage.manifest import Manifest, ServingRecord
+from mllmcl.tracking import RunTracker, open_run_tracker
+from mllmcl.tracking.tracker import fit_name
 
 log = logging.getLogger(__name__)
 
@@ -109,17 +112,28 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
     ``on_stage(k, matrix, info)`` is called after every stage, completed now or earlier
     (a resumed run replays the stages it loads), with the matrix up to row k and the
     method's stage info (router accuracy, ...): a sweep reports from it.
-    """
 
-    import ray
+    One driver at a time runs a run id (:class:`~mllmcl.storage.lease.RunLease`): a second
+    is refused, naming the first.
+    """
+    t_start = time.time()
+    cfg = absolute_paths(cfg)  # a no-op for configs read by load_config; workers never see a relative path
+    prepared = prepare(cfg)  # every problem of the config and data before anything is written
+    with RunLease(RunLayout(cfg.storage.root, run_id), ttl_s=cfg.run.lease_seconds):
+        return _run_stream(cfg, run_id, stop_after, on_stage, prepared, t_start)
+
+
+def _run_stream(cfg: Config, run_id: str, stop_after: int | None,
+                on_stage: Callable[[int, AccuracyMatrix, dict], None] | None, prepared,
+                t_start: float) -> StreamResult:
+    if cfg.scaling.backend == "ray":  # the local backend runs where Ray is not installed (bench/gpu_check.sh)
+        import ray
 
     from mllmcl.cluster import forwarded_env, init_ray
     from mllmcl.runner.evaluator import EvalWorker
     from mllmcl.training.trainer import TrainOutcome, run_training
 
-    t_start = time.time()
-    cfg = absolute_paths(cfg)  # a no-op for configs read by load_config; workers never see a relative path
-    stream, model_path, method = prepare(cfg)
+    stream, model_path, method = prepared
     layout = RunLayout(cfg.storage.root, run_id)
     manifest = Manifest.load(layout)
     if manifest is not None:
@@ -143,10 +157,15 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
     prov["data_release"] = {"digest": release["digest"], "manifest": "data_release.json",
                             "images": "content" if cfg.data.checksum_images else "listing"}
     finished = manifest.status == "complete" and storage.exists(layout.metrics)  # resubmitted: nothing to do
+    tracker = RunTracker([])
     if not finished:
+        # a tracking backend that cannot start stops the run here, before anything trains
+        tracker = open_run_tracker(cfg.tracking, layout.run_dir, run_id, stream.name,
+                                   tags={"mllmcl.method": cfg.method.name, "mllmcl.stream": stream.name})
         storage.write_json(release_uri, release)
         storage.write_text(layout.config, yaml.safe_dump({"config": cfg.to_dict(), "provenance": prov},
                                                          sort_keys=False))
+        tracker.log_config(cfg.to_dict(), prov)
     if sc.backend == "ray" and not finished:
         init_ray()  # this job's Ray (dashboard on 127.0.0.1, no preemption watcher), before Ray Train starts one
     predictor: CachedPredictor | None = None
@@ -184,6 +203,10 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
     states: dict[int, dict] = {}
     work: list[StageWork] = []
     plan_index: dict[int, int] = {}  # a request's place in its stage's plan: its record's name
+    def log_stage(k: int, info: dict) -> None:
+        tracker.log_stage(k, {t: v for t, v in zip(stream.task_names, matrix[k]) if v is not None},
+                          matrix.metrics_so_far(), info)
+
     for k, task in enumerate(stream):
         stage = Stage(k, stream, layout, cfg)
         done = manifest.stage(k)
@@ -194,6 +217,7 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
             add_stage(done)
             oracle_rows.append(done.get("oracle") or {})
             stage_info.append(done.get("info") or {})
+            log_stage(k, stage_info[-1])  # a stage done before tracking was on (or before a crash) is logged once
             method.load_state_dict(done.get("method_state") or {})
             if on_stage is not None:
                 on_stage(k, matrix, stage_info[-1])
@@ -218,7 +242,11 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
         # waits for it (Ray Train's controller is an actor; its Ctrl-C handler is the main thread's)
         return run_training(req, model_path, ckpts, scaling=sc, dtype=cfg.model.dtype,
                             mixed_precision=cfg.train.mixed_precision,
-                            gradient_checkpointing=cfg.train.gradient_checkpointing)
+                            gradient_checkpointing=cfg.train.gradient_checkpointing,
+                            history_uri=history_uri(req))
+
+    def history_uri(req) -> str:
+        return layout.path("fits", f"{req.stage}_{req.kind}_{plan_index[id(req)]}.steps.json")
 
     def evaluate(k: int) -> dict:
         stage, task = stages[k], stream.tasks[k]
@@ -293,10 +321,14 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
             # kept beside the run, so a later driver that finds the adapter keeps when it was trained
             storage.write_json(layout.path("fits", f"{req.stage}_{req.kind}_{plan_index[id(req)]}.json"), entry)
             trained.append(req.stage)
+            if tracker.enabled and storage.exists(history_uri(req)):
+                tracker.log_fit(fit_name(req.stage, req.task, req.kind, plan_index[id(req)]),
+                                storage.read_json(history_uri(req)))
             return False
         add_stage(result)
         oracle_rows.append(result["oracle"])
         stage_info.append(result["info"])
+        log_stage(job.payload, result["info"])
         if on_stage is not None:
             on_stage(job.payload, matrix, result["info"])
         return stop_after is not None and job.payload >= stop_after
@@ -318,7 +350,13 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
             start_replicas()  # they load the base while the first fits train
     else:
         executor = InlineExecutor(run_job)
-    if run_schedule(jobs, executor, on_done).stopped:
+    try:
+        stopped = run_schedule(jobs, executor, on_done).stopped
+    except BaseException:
+        tracker.end("failed")  # a driver killed outright leaves its MLflow run RUNNING; a resubmit continues it
+        raise
+    if stopped:
+        tracker.end("stopped")
         return StreamResult(run_id, layout.run_dir, matrix, {}, sorted(set(trained)), time.time() - t_start)
 
     if finished and predictor is None:  # every stage was done before: its outputs stand as written
@@ -330,4 +368,7 @@ def run_stream(cfg: Config, run_id: str, stop_after: int | None = None,
     write_outputs(layout, cfg, stream.name, run_id, matrix, metrics, prov)
     manifest.status = "complete"
     manifest.save(layout)
+    tracker.log_final(metrics, [layout.heatmap, layout.report_html, layout.path("report", "router_confusion.png"),
+                                layout.accuracy_matrix, layout.metrics], step=len(stream) - 1)
+    tracker.end("complete")
     return StreamResult(run_id, layout.run_dir, matrix, metrics, sorted(set(trained)), time.time() - t_start)

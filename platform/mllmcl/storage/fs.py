@@ -11,6 +11,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from mllmcl import chaos
+
 
 def is_remote(uri: str) -> bool:
     return "://" in str(uri) and not str(uri).startswith("file://")
@@ -130,7 +132,9 @@ def write_bytes(uri: str, data: bytes) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.write(data[: len(data) // 2])
+            chaos.point("write:" + os.path.basename(path))  # tests: a kill half-way through the write
+            f.write(data[len(data) // 2:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -55,3 +55,4 @@ class FitConfig:
     zero_stage: int = 2
     offload: str = "none"
     inject_failure: dict | None = None  # tests only: {"step", "rank", "marker", "raise"}
+    history_uri: str = ""  # where rank 0 writes the fit's per-step loss / lr / samples/s (JSON); "" = nowhere

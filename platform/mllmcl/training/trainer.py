@@ -48,21 +48,23 @@ def _inject_failure(request: TrainRequest) -> dict | None:
 
 
 def fit_config(request: TrainRequest, model_path: str, scaling: ScalingConfig, *, dtype: str = "float32",
-               mixed_precision: str = "auto", gradient_checkpointing: bool = False) -> FitConfig:
+               mixed_precision: str = "auto", gradient_checkpointing: bool = False,
+               history_uri: str = "") -> FitConfig:
     return FitConfig(request=request, model_path=model_path, dtype=dtype, threads=scaling.threads_per_worker,
                      mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
                      checkpoint_every=scaling.checkpoint_every,
                      strategy=scaling.strategy, zero_stage=scaling.zero_stage, offload=scaling.offload,
-                     inject_failure=_inject_failure(request))
+                     inject_failure=_inject_failure(request), history_uri=history_uri)
 
 
 def run_training(request: TrainRequest, model_path: str, checkpoints_uri: str, *, scaling: ScalingConfig,
                  dtype: str = "float32", mixed_precision: str = "auto",
-                 gradient_checkpointing: bool = False) -> TrainOutcome:
+                 gradient_checkpointing: bool = False, history_uri: str = "") -> TrainOutcome:
     """Fine-tune one adapter with ``scaling``'s workers (Ray Train, or this process with
-    ``backend=local``); checkpoints go under ``checkpoints_uri``; resumes a half-done fit."""
+    ``backend=local``); checkpoints go under ``checkpoints_uri``; resumes a half-done fit;
+    ``history_uri``: where the per-step loss, learning rate and samples/s are written."""
     fit = fit_config(request, model_path, scaling, dtype=dtype, mixed_precision=mixed_precision,
-                     gradient_checkpointing=gradient_checkpointing)
+                     gradient_checkpointing=gradient_checkpointing, history_uri=history_uri)
     if scaling.backend == "local":
         return run_local_training(fit, checkpoints_uri)
     return run_ray_training(fit, scaling, checkpoints_uri)

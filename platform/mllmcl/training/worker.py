@@ -20,11 +20,13 @@ from typing import Iterator
 
 import torch
 
+from mllmcl import chaos
 from mllmcl.training.request import FitConfig
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
+HISTORY_FILE = "history.json"  # the steps so far (loss, lr, samples/s), kept in every checkpoint
 AUTO_CHECKPOINTS = 10
 ADAPTER_WEIGHTS = "adapter.safetensors"
 
@@ -39,13 +41,25 @@ def _save_state(model, optimizer, scheduler, step: int, folder: str) -> None:
                 "rng": torch.get_rng_state()}, os.path.join(folder, STATE_FILE))
 
 
+class UnreadableCheckpoint(RuntimeError):
+    """A checkpoint file that cannot be read (truncated, corrupt): its name and why."""
+
+
+def _read(folder: str, name: str, reader):
+    try:
+        return reader(os.path.join(folder, name))
+    except Exception as e:  # noqa: BLE001 - any reader's failure on a bad file
+        raise UnreadableCheckpoint(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+
+
 def _load_state(model, optimizer, scheduler, folder: str) -> int:
     from safetensors.torch import load_file
 
     from mllmcl.training.adapter_kinds import load_trainable_state
 
-    load_trainable_state(model, load_file(os.path.join(folder, ADAPTER_WEIGHTS)))
-    state = torch.load(os.path.join(folder, STATE_FILE), weights_only=True)  # tensors and ints only
+    weights = _read(folder, ADAPTER_WEIGHTS, load_file)
+    state = _read(folder, STATE_FILE, lambda p: torch.load(p, weights_only=True))  # tensors and ints only
+    load_trainable_state(model, weights)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
@@ -93,16 +107,27 @@ class RayTrainSession:
             return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
         return model.to(self.device)
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[str | None]:
+    def checkpoints(self) -> list[tuple[str, object]]:
+        """(name, opener) of the fit's checkpoints, newest first: the one Ray Train hands back,
+        then the older ones it keeps beside it (``num_to_keep``), for when the newest is unreadable."""
+        import pyarrow.fs as pafs
         import ray.train
+        from ray.train import Checkpoint
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
-            yield None
-            return
-        with ckpt.as_directory() as d:
-            yield d
+            return []
+        found = [ckpt]
+        parent = ckpt.path.rstrip("/").rsplit("/", 1)[0]
+        try:
+            infos = ckpt.filesystem.get_file_info(pafs.FileSelector(parent, recursive=False))
+            older = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                            and i.base_name.startswith("checkpoint_") and i.path.rstrip("/") != ckpt.path.rstrip("/")),
+                           reverse=True)
+            found += [Checkpoint(path=p, filesystem=ckpt.filesystem) for p in older if p < ckpt.path]
+        except OSError:
+            pass
+        return [(c.path, c.as_directory) for c in found]
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.train
@@ -129,18 +154,25 @@ class LocalSession:
     def prepare(self, model):
         return model.to(self.device)
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[str | None]:
+    def checkpoints(self) -> list[tuple[str, object]]:
+        """(name, opener) of the fit's checkpoints, newest first (the newest and the one before it)."""
         from mllmcl import storage
 
         pointer = storage.join(self.uri, "latest.json")
         if not storage.exists(pointer):
-            yield None
-            return
-        folder = storage.join(self.uri, storage.read_json(pointer)["checkpoint"])
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            storage.download_dir(folder, tmp)
-            yield tmp
+            return []
+        latest = storage.read_json(pointer)
+        names = [latest["checkpoint"]] + ([latest["previous"]] if latest.get("previous") else [])
+
+        def opener(name: str):
+            @contextlib.contextmanager
+            def open_() -> Iterator[str]:
+                with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+                    storage.download_dir(storage.join(self.uri, name), tmp)
+                    yield tmp
+            return open_
+
+        return [(storage.join(self.uri, n), opener(n)) for n in names]
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         from mllmcl import storage
@@ -149,12 +181,15 @@ class LocalSession:
         if checkpoint_dir is None:
             return
         pointer = storage.join(self.uri, "latest.json")
-        previous = storage.read_json(pointer)["checkpoint"] if storage.exists(pointer) else None
+        latest = storage.read_json(pointer) if storage.exists(pointer) else {}
         name = f"checkpoint_{int(metrics['step']):06d}"
         storage.upload_dir(checkpoint_dir, storage.join(self.uri, name))
-        storage.write_json(pointer, {"checkpoint": name, **metrics})
-        if previous and previous != name:
-            storage.delete_dir(storage.join(self.uri, previous))
+        previous = latest.get("checkpoint") if latest.get("checkpoint") != name else latest.get("previous")
+        # the newest and the one before it are kept (as Ray Train's num_to_keep=2): a resumed fit falls
+        # back to the older when the newer is unreadable
+        storage.write_json(pointer, {"checkpoint": name, "previous": previous, **metrics})
+        for old in {latest.get("previous")} - {name, previous, None}:
+            storage.delete_dir(storage.join(self.uri, old))
 
 
 @dataclass
@@ -236,9 +271,21 @@ def train_adapter(fit: FitConfig, session) -> None:
         optimizer, scheduler = make_optimizer(model, settings, steps)
         train_model, stepper = model, None
     start = 0
-    with session.latest_checkpoint() as d:
-        if d is not None:
-            start = ds.load(d) if ds is not None else _load_state(model, optimizer, scheduler, d)
+    history: list[dict] = []  # rank 0's record of every step (a resumed fit's: from its checkpoint)
+    for name, open_checkpoint in session.checkpoints():  # newest first; an unreadable one is skipped
+        try:
+            with open_checkpoint() as d:
+                start = ds.load(d) if ds is not None else _load_state(model, optimizer, scheduler, d)
+                if os.path.exists(os.path.join(d, HISTORY_FILE)):
+                    import json
+
+                    with open(os.path.join(d, HISTORY_FILE)) as f:
+                        history = [h for h in json.load(f) if h["step"] <= start]
+            break
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt checkpoint: the one before it
+            log.warning("%s/%s: checkpoint %s is unreadable (%s); resuming from the one before it",
+                        request.task, request.kind, name, e)
+            start, history = 0, []
     if start:
         log.info("rank %d resumes %s/%s at step %d of %d", rank, request.task, request.kind, start, steps)
 
@@ -252,15 +299,22 @@ def train_adapter(fit: FitConfig, session) -> None:
 
     t0 = time.time()
     recent: list[float] = []
+    clock = {"t": time.time(), "lr": optimizer.param_groups[0]["lr"]}  # the lr the next step uses
 
     def on_step(step: int, loss: float) -> None:
         recent.append(loss)
         done = step + 1
+        now = time.time()
+        history.append({"step": done, "loss": loss, "lr": clock["lr"],
+                        "samples_per_s": len(request.samples[:settings.batch_size]) / max(now - clock["t"], 1e-9)})
+        clock.update(t=now, lr=optimizer.param_groups[0]["lr"])
         if done % every == 0 or done == steps:
             metrics = {"step": done, "loss": sum(recent) / len(recent), "steps": steps,
                        "seconds": time.time() - t0}
             recent.clear()
             with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    _write_json(os.path.join(tmp, HISTORY_FILE), history)
                 if ds is not None:  # every rank writes its optimizer shard; Ray Train merges the files
                     ds.save(tmp, done)
                     session.report(metrics, tmp)
@@ -268,6 +322,8 @@ def train_adapter(fit: FitConfig, session) -> None:
                     if rank == 0:
                         _save_state(model, optimizer, scheduler, done, tmp)
                     session.report(metrics, tmp if rank == 0 else None)
+            clock["t"] = time.time()  # a checkpoint's time is not a step's
+        chaos.point(f"step:{request.task}:{request.kind}")  # tests: a kill after this step (and its checkpoint)
         _maybe_inject_failure(fit.inject_failure, done, rank)
 
     if start < steps:
@@ -278,6 +334,17 @@ def train_adapter(fit: FitConfig, session) -> None:
     with ds.full_parameters(model) if ds is not None else contextlib.nullcontext():
         if rank == 0:
             _save_final(kind, model, fit, steps, world, start)
+    if rank == 0 and fit.history_uri:
+        from mllmcl import storage
+
+        storage.write_json(fit.history_uri, history)
+
+
+def _write_json(path: str, obj) -> None:
+    import json
+
+    with open(path, "w") as f:
+        json.dump(obj, f)
 
 
 def _save_final(kind, model, fit: FitConfig, steps: int, world: int, resumed_from: int) -> None:

@@ -47,11 +47,14 @@ def stage_metrics(spec: SweepSpec, k: int, matrix, info: dict) -> dict:
     return m
 
 
-def stream_trial(config: dict, spec_data: dict, env: dict | None = None) -> None:
+def stream_trial(config: dict, spec_data: dict, env: dict | None = None, parent_run_id: str = "") -> None:
     """Tune trial: run the stream with this trial's config, report after every task.
 
     ``env``: the driver's forwarded environment (cache location, S3 endpoint and
     credentials), which a trial started on an existing cluster does not inherit.
+    ``parent_run_id``: the sweep's MLflow run; the trial's run is nested under it, created by
+    Ray Tune's ``setup_mlflow`` (which logs the sampled values as the run's parameters), and
+    the stream's tracker logs the rest into it.
     """
     from ray import tune
 
@@ -60,7 +63,21 @@ def stream_trial(config: dict, spec_data: dict, env: dict | None = None) -> None
     os.environ.update(env or {})
     spec = spec_from_dict(spec_data)
     trial_id = tune.get_context().get_trial_id()
-    cfg = spec.config_for(config, [f"storage.root={spec.sweep_root()}", f"run.id={trial_id}", "run.progress=false"])
+    extra = [f"storage.root={spec.sweep_root()}", f"run.id={trial_id}", "run.progress=false"]
+    if parent_run_id:
+        extra += [f"tracking.parent_run_id={parent_run_id}", f"tracking.run_name={trial_id}"]
+        if not storage.exists(storage.join(spec.sweep_root(), "runs", trial_id, "tracking.json")):
+            from ray.air.integrations.mlflow import setup_mlflow
+
+            from mllmcl.tracking.tracker import experiment_name
+
+            base = spec.base_config()
+            mlflow = setup_mlflow(config, tracking_uri=base.tracking.mlflow_uri, run_name=trial_id,
+                                  experiment_name=experiment_name(base.tracking, base.data.stream),
+                                  create_experiment_if_not_exists=True,
+                                  tags={"mlflow.parentRunId": parent_run_id, "mllmcl.trial_id": trial_id})
+            extra.append(f"tracking.run_id={mlflow.active_run().info.run_id}")
+    cfg = spec.config_for(config, extra)
     reported = 0
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
@@ -158,14 +175,21 @@ def run_sweep(spec: SweepSpec, resume: bool = True) -> SweepResult:
     from mllmcl.cluster import forwarded_env, init_ray
     from mllmcl.runner.stream import prepare
 
-    prepare(spec.base_config())  # data, model and storage checked (and the tiny base built) before any trial
-    init_ray()
+    base = spec.base_config()
+    prepare(base)  # data, model and storage checked (and the tiny base built) before any trial
     root = spec.sweep_root()
+    tracker = None
+    if base.tracking.mlflow_uri:  # the sweep's parent run (a server that cannot be reached: an error now)
+        from mllmcl.tracking.tracker import SweepTracker
+
+        tracker = SweepTracker(base.tracking, root, spec.name, base.data.stream, spec_to_dict(spec))
+    init_ray()
     n_tasks = spec.n_tasks()
     storage_path, fs = _tune_storage(root)
     resources = {"CPU": spec.trial_cpus, "memory": int(spec.trial_memory_gb * 2**30)}
     trainable = tune.with_resources(tune.with_parameters(stream_trial, spec_data=spec_to_dict(spec),
-                                                         env=forwarded_env()), resources)
+                                                         env=forwarded_env(),
+                                                         parent_run_id=tracker.run_id if tracker else ""), resources)
     experiment = f"{storage_path}/tune"  # in Tune's terms: a path on storage_filesystem (or local)
     if resume and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         log.info("restoring sweep %s from %s", spec.name, storage.join(root, "tune"))
@@ -186,7 +210,13 @@ def run_sweep(spec: SweepSpec, resume: bool = True) -> SweepResult:
                                       failure_config=tune.FailureConfig(max_failures=1), verbose=1),
         )
     grid = tuner.fit()
-    return write_results(spec, grid, n_tasks)
+    result = write_results(spec, grid, n_tasks)
+    if tracker is not None:
+        best = {"best_objective": result.best["objective"]} if result.best else {}
+        tracker.finish({**best, "trials": len(result.rows), "task_trainings": result.task_trainings},
+                       [storage.join(root, f) for f in ("results.json", "results.csv", "table.md", "best.yaml",
+                                                        "objective_by_task.png")])
+    return result
 
 
 # --------------------------------------------------------------------------- results
