@@ -231,15 +231,16 @@ class _Ingress:
     def _unauthorized(self) -> JSONResponse:
         return JSONResponse(_UNAUTHORIZED, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
-    def _overloaded(self, e: Exception) -> JSONResponse:
-        """A full queue behind the ingress (router or experts): 503 with Retry-After, as Serve's
-        proxy answers when the ingress's own queue is full."""
+    def _overloaded(self, e: Exception, message: str = "the service is at capacity; retry later",
+                    code: str = "overloaded") -> JSONResponse:
+        """A full queue behind the ingress (router or experts), or a replica that died under the
+        request: 503 with Retry-After, as Serve's proxy answers when the ingress's own queue is full."""
         import math
 
         wait = getattr(e, "retry_after_s", None)
         wait = self.cfg.retry_after_s if wait is None else wait
-        return JSONResponse({"error": {"message": "the service is at capacity; retry later", "type": "server_error",
-                                       "param": None, "code": "overloaded"}}, status_code=503,
+        return JSONResponse({"error": {"message": message, "type": "server_error", "param": None, "code": code}},
+                            status_code=503,
                             headers={"Retry-After": str(max(0, math.ceil(wait)))})
 
     @api.get("/healthz")
@@ -268,6 +269,7 @@ class _Ingress:
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Any:
+        from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError
 
         if not self._authorized(request):
@@ -309,6 +311,9 @@ class _Ingress:
             return self._error(e)
         except BackPressureError as e:
             return self._overloaded(e)
+        except RayActorError as e:  # the replica that had the request died (Serve starts another): retry
+            log.warning("request failed: a replica died (%s)", type(e).__name__)
+            return self._overloaded(e, "a replica serving this request failed; retry", "replica_failed")
         except Exception as e:  # a failure of one request never takes the service down
             log.exception("request failed")
             return JSONResponse({"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",
