@@ -163,7 +163,7 @@ def s3_server():
                 if time.time() > deadline:
                     raise RuntimeError(f"SeaweedFS S3 did not come up within 90 s; see {workdir}/weed.log")
                 time.sleep(1)
-        yield {"endpoint": endpoint, "client": client}
+        yield {"endpoint": endpoint, "client": client, "pid": proc.pid}
     finally:
         proc.terminate()
         try:  # SeaweedFS's all-in-one server takes > 20 s to stop gracefully; the data is disposable

@@ -51,13 +51,15 @@ def reference(overrides, tmp_path_factory):
     return rows
 
 
-def _job(overrides, root: Path, run_id: str, kill: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLLMCL_CHAOS_KILL"}
+def _job(overrides, root: Path, run_id: str, kill: str | None = None, root_uri: str | None = None,
+         env: dict | None = None) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k != "MLLMCL_CHAOS_KILL"}
+    full.update(env or {})
     if kill:
-        env["MLLMCL_CHAOS_KILL"] = kill
+        full["MLLMCL_CHAOS_KILL"] = kill
     return subprocess.run([sys.executable, str(REPO / "jobs" / "domain_stream.py"), *overrides,
-                           f"storage.root={root}", f"run.id={run_id}"], capture_output=True, text=True, env=env,
-                          cwd=root.parent, timeout=600)
+                           f"storage.root={root_uri or root}", f"run.id={run_id}"], capture_output=True, text=True,
+                          env=full, cwd=root.parent, timeout=600)
 
 
 def _adapters(run: Path) -> dict[str, int]:
@@ -162,3 +164,51 @@ def test_a_second_driver_is_refused_while_the_first_holds_the_run(overrides, tmp
                                                 "since": now, "renewed": now, "expires": time.time() + 30}))
     res = run_stream(cfg, "held")  # the holder's process is gone: taken over at once
     assert res.matrix.complete and not (run / "lease.json").exists()
+
+
+@pytest.mark.s3
+def test_a_run_on_s3_outlives_the_storage_server_stopping_for_a_while(overrides, reference, s3_server, s3_bucket,
+                                                                      tmp_path):
+    """SeaweedFS frozen (SIGSTOP: it accepts connections and answers nothing) for 3 request
+    timeouts in the middle of a run on S3, then thawed: the run's requests time out, retry with
+    backoff, and the run completes with the undisturbed matrix; nothing is retrained."""
+    import threading
+
+    from mllmcl import storage
+
+    env_run = f"{s3_bucket}/chaos"
+    manifest = f"{env_run}/runs/frozen/manifest.json"
+    os.environ["MLLMCL_S3_TIMEOUT_S"], os.environ["MLLMCL_S3_MAX_ATTEMPTS"] = "3", "12"
+    froze: dict = {}
+
+    def freeze_after_stage_0():
+        deadline = time.time() + 300
+        while time.time() < deadline and not froze.get("stop"):
+            try:
+                if storage.exists(manifest) and storage.read_json(manifest)["stages"]:
+                    break
+            except Exception:  # noqa: BLE001 - the job writes it meanwhile
+                pass
+            time.sleep(0.3)
+        froze["at"] = time.time()
+        os.kill(s3_server["pid"], signal.SIGSTOP)
+        time.sleep(10)  # > 3 request timeouts
+        os.kill(s3_server["pid"], signal.SIGCONT)
+        froze["for"] = time.time() - froze["at"]
+
+    watcher = threading.Thread(target=freeze_after_stage_0)
+    try:
+        watcher.start()
+        job = _job(overrides, Path(tmp_path), "frozen", None, root_uri=env_run,
+                   env={"MLLMCL_S3_TIMEOUT_S": "3", "MLLMCL_S3_MAX_ATTEMPTS": "12"})
+        ended = time.time()
+    finally:
+        froze["stop"] = True
+        watcher.join()
+        os.kill(s3_server["pid"], signal.SIGCONT)
+        del os.environ["MLLMCL_S3_TIMEOUT_S"], os.environ["MLLMCL_S3_MAX_ATTEMPTS"]
+    assert froze.get("for", 0) >= 10 and ended > froze["at"] + froze["for"], froze  # frozen mid-run
+    assert job.returncode == 0, job.stderr[-3000:]
+    done = storage.read_json(manifest)
+    assert done["status"] == "complete"
+    assert json.loads(storage.read_text(f"{env_run}/runs/frozen/metrics/accuracy_matrix.json"))["rows"] == reference

@@ -46,7 +46,18 @@ def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSyste
     secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
     if key and secret:
         kwargs.update(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"))
-    return pafs.S3FileSystem(**kwargs)
+    timeout, attempts = _s3_patience()
+    return pafs.S3FileSystem(**kwargs, connect_timeout=timeout, request_timeout=timeout,
+                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts))
+
+
+def _s3_patience() -> tuple[float, int]:
+    """(seconds one S3 request may take, attempts per request): MLLMCL_S3_TIMEOUT_S (default 30) and
+    MLLMCL_S3_MAX_ATTEMPTS (default 10; AWS's standard retry mode: exponential backoff with jitter,
+    at most 20 s between attempts). A storage server that stops answering for a while is waited
+    for (about 5 minutes at the defaults), then the run fails with the storage error and resumes
+    when resubmitted."""
+    return (float(os.environ.get("MLLMCL_S3_TIMEOUT_S", "30")), int(os.environ.get("MLLMCL_S3_MAX_ATTEMPTS", "10")))
 
 
 def _s3_settings() -> tuple[str | None, str]:
@@ -59,8 +70,12 @@ def _s3_settings() -> tuple[str | None, str]:
 def _s3_client(endpoint: str | None, region: str | None):
     """boto3 client for writes: single PUTs and managed multipart uploads."""
     import boto3
+    from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=endpoint or None, region_name=region)
+    timeout, attempts = _s3_patience()
+    return boto3.client("s3", endpoint_url=endpoint or None, region_name=region,
+                        config=Config(connect_timeout=timeout, read_timeout=timeout,
+                                      retries={"mode": "standard", "max_attempts": attempts}))
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
