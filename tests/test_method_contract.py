@@ -191,4 +191,5 @@ def test_local_backend_resumes_a_half_done_fit(root, stream_overrides, monkeypat
     w1 = load_peft_weights(str(Path(clean.run_dir) / "tasks" / "0_RS" / "expert"))
     w2 = load_peft_weights(str(Path(resumed.run_dir) / "tasks" / "0_RS" / "expert"))
     assert all(float((w1[k] - w2[k]).abs().max()) == 0.0 for k in w1)
-    assert len([p for p in ckpts.iterdir() if p.name.startswith("checkpoint_")]) == 1  # older ones removed
+    kept = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("checkpoint_"))
+    assert len(kept) == 2 and json.loads((ckpts / "latest.json").read_text())["previous"] == kept[0]  # the two newest

@@ -453,7 +453,7 @@ def test_the_service_routes_with_the_runs_own_router(run, service, synthetic_sma
     each deployed in place of the module's app: the ridge run's service answers as that run's
     stream did, question by question; the oracle's refuses a request that names no expert (it
     routes by the question's task, which a request does not carry) and answers a pinned one.
-    The last test of the module that uses the service (it leaves the oracle's app deployed)."""
+    It leaves the oracle's app deployed for the replica-kill test after it."""
     from mllmcl import storage
     from mllmcl.data.prompts import eval_prompt
     from mllmcl.runner.reroute import reroute
@@ -489,12 +489,68 @@ def test_the_service_routes_with_the_runs_own_router(run, service, synthetic_sma
                                                                                 TASKS[-1])[samples[-1].uid]
 
 
+def test_a_killed_expert_replica_fails_requests_clearly_and_recovers(run, service, synthetic_small):
+    """Chaos: the expert pool's one replica killed under a steady load of 6 clients. Requests it
+    held fail with a 503 (never a hang: each answers within its timeout); Serve starts a new
+    replica; once one request has succeeded again, none fails. Prints failed requests and the
+    recovery time (the issue note quotes them). Runs on the app the test before it left (the
+    oracle's re-routed run, whose experts answer pinned requests)."""
+    import threading
+    import time
+
+    import ray
+    from ray import serve
+
+    from mllmcl import storage
+    from mllmcl.data.prompts import eval_prompt
+
+    sample = _samples(synthetic_small).tasks[0].test[0]
+    body = chat_request(eval_prompt(sample), storage.read_bytes(sample.image), model=TASKS[0])
+    results: list[tuple[float, float, int]] = []  # (sent, answered, status)
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            t0 = time.time()
+            status, _ = _post(service, body)  # urllib's timeout (120 s) would show a hang as a failure
+            results.append((t0, time.time(), status))
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::{APP}#experts#")]
+    assert len(names) == 1, names
+    killed = time.time()
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    deadline = killed + 120
+    while time.time() < deadline and not any(t0 > killed and s == 200 for t0, _, s in results):
+        time.sleep(0.2)
+    recovered = min((t1 for t0, t1, s in results if t0 > killed and s == 200), default=None)
+    time.sleep(3)  # the load goes on after recovery
+    stop.set()
+    for t in threads:
+        t.join(timeout=150)
+    assert recovered is not None, "no request succeeded within 120 s of the kill"
+    failed = [(round(t1 - t0, 1), s) for t0, t1, s in results if s != 200]
+    print(f"\nreplica killed under load: {len(results)} requests, {len(failed)} failed {failed}, recovery "
+          f"{recovered - killed:.1f} s")
+    assert all(s == 503 for _, s in failed), failed  # a clear 5xx, the retryable kind
+    assert all(d < 120 for d, _ in failed)
+    assert all(s == 200 for t0, _, s in results if t0 > recovered), "a request failed after recovery"
+    new = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+           if a["name"].startswith(f"SERVE_REPLICA::{APP}#experts#")]
+    assert new and new != names  # Serve replaced the replica
+    assert serve.status().applications[APP].status == "RUNNING"
+
+
 def test_keys_and_a_bounded_queue(run, service, synthetic_small, tmp_path):
     """The app redeployed with API keys (a file) and a one-request ingress queue: the stock
     ``openai`` client is refused without a key or with a wrong one (401) and served with the
     right one; a burst gets 503s with Retry-After, never a hang, and every other request its
-    answer; no key reaches Ray's logs. Deployed in place of the module's app (after the last
-    test that uses it)."""
+    answer; no key reaches Ray's logs. Deployed in place of the module's app (the last test
+    that uses it)."""
     import time
 
     import ray
@@ -545,65 +601,6 @@ def test_keys_and_a_bounded_queue(run, service, synthetic_small, tmp_path):
     session = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     leaked = [p.name for p in session.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
     assert not leaked, leaked
-
-
-def test_a_killed_expert_replica_fails_requests_clearly_and_recovers(run, service, synthetic_small):
-    """Chaos: the expert pool's one replica killed under a steady load of 6 clients. Requests it
-    held fail with a 503 (never a hang: each answers within its timeout); Serve starts a new
-    replica; once one request has succeeded again, none fails. Prints failed requests and the
-    recovery time (the issue note quotes them)."""
-    import threading
-    import time
-
-    import ray
-    from ray import serve
-
-    from mllmcl import storage
-    from mllmcl.data.prompts import eval_prompt
-    from mllmcl.serving.app import start
-
-    port = int(service.rsplit(":", 1)[1])
-    start(str(run), load_serve_config(None, [f"port={port}", f"app_name={APP}", "batch_wait_timeout_s=0", *LIMITS,
-                                             "auth.keys_env="]))
-    sample = _samples(synthetic_small).tasks[0].test[0]
-    body = chat_request(eval_prompt(sample), storage.read_bytes(sample.image), model=TASKS[0])
-    results: list[tuple[float, float, int]] = []  # (sent, answered, status)
-    stop = threading.Event()
-
-    def client():
-        while not stop.is_set():
-            t0 = time.time()
-            status, _ = _post(service, body)  # urllib's timeout (120 s) would show a hang as a failure
-            results.append((t0, time.time(), status))
-
-    threads = [threading.Thread(target=client) for _ in range(6)]
-    for t in threads:
-        t.start()
-    time.sleep(3)
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::{APP}#experts#")]
-    assert len(names) == 1, names
-    killed = time.time()
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-    deadline = killed + 120
-    while time.time() < deadline and not any(t0 > killed and s == 200 for t0, _, s in results):
-        time.sleep(0.2)
-    recovered = min((t1 for t0, t1, s in results if t0 > killed and s == 200), default=None)
-    time.sleep(3)  # the load goes on after recovery
-    stop.set()
-    for t in threads:
-        t.join(timeout=150)
-    assert recovered is not None, "no request succeeded within 120 s of the kill"
-    failed = [(round(t1 - t0, 1), s) for t0, t1, s in results if s != 200]
-    print(f"\nreplica killed under load: {len(results)} requests, {len(failed)} failed {failed}, recovery "
-          f"{recovered - killed:.1f} s")
-    assert all(s == 503 for _, s in failed), failed  # a clear 5xx, the retryable kind
-    assert all(d < 120 for d, _ in failed)
-    assert all(s == 200 for t0, _, s in results if t0 > recovered), "a request failed after recovery"
-    new = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-           if a["name"].startswith(f"SERVE_REPLICA::{APP}#experts#")]
-    assert new and new != names  # Serve replaced the replica
-    assert serve.status().applications[APP].status == "RUNNING"
 
 
 def test_evaluate_job_reproduces_the_stream_score(run, synthetic_small, ray_session, capsys):

@@ -208,9 +208,10 @@ class SweepTracker:
             self.backend.params({f"sweep.{k}": v for k, v in flatten(params).items()})
         storage.write_json(self.state_uri, {"mlflow_uri": tracking.mlflow_uri, "mlflow_run_id": self.run_id})
 
-    def finish(self, metrics: dict[str, float], artifacts: list[str]) -> None:
-        """The sweep's own numbers and files; trials the scheduler stopped (their processes ended
-        mid-stream, their runs still RUNNING) are marked KILLED."""
+    def finish(self, metrics: dict[str, float], artifacts: list[str], stopped: tuple[str, ...] = ()) -> None:
+        """The sweep's own numbers and files; the runs of trials the scheduler stopped (``stopped``:
+        their names; their processes ended mid-stream, as RUNNING or as FAILED by the interruption)
+        and any other still RUNNING are marked KILLED."""
         client = self.backend.client
         self.backend.metrics([(k, v, 0) for k, v in metrics.items() if isinstance(v, (int, float))])
         with tempfile.TemporaryDirectory(prefix="mllmcl-sweep-") as tmp:
@@ -222,6 +223,6 @@ class SweepTracker:
                     self.backend.artifact(local)
         exp = client.get_run(self.run_id).info.experiment_id
         for child in client.search_runs([exp], f"tags.mlflow.parentRunId = '{self.run_id}'"):
-            if child.info.status == "RUNNING":
+            if child.info.status == "RUNNING" or child.info.run_name in stopped:
                 client.set_terminated(child.info.run_id, status="KILLED")
         self.backend.end("complete")

@@ -215,7 +215,9 @@ def run_sweep(spec: SweepSpec, resume: bool = True) -> SweepResult:
         best = {"best_objective": result.best["objective"]} if result.best else {}
         tracker.finish({**best, "trials": len(result.rows), "task_trainings": result.task_trainings},
                        [storage.join(root, f) for f in ("results.json", "results.csv", "table.md", "best.yaml",
-                                                        "objective_by_task.png")])
+                                                        "objective_by_task.png")],
+                       stopped=tuple(r["trial_id"] for r in result.rows
+                                     if r["stop_reason"].startswith("stopped by the scheduler")))
     return result
 
 
