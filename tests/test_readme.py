@@ -11,6 +11,7 @@ not), every command run here is in the README, and ``make demo`` runs the README
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -344,6 +345,9 @@ class Head:
         self.log = open(tmp / "head.log", "w+")
         env = _env()
         env.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)  # a user's head polls at Ray's default (the suite's Ray: conftest)
+        # on SIGTERM a head drains for up to 30 s (for Serve replicas behind a load balancer); after a
+        # job, the idle workers' leases keep it waiting the whole 30 s. Nothing here serves: no drain
+        env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
         self.proc = subprocess.Popen(["bash", "-c", f"{command} {ports} --temp-dir {tmp} --block"], cwd=cwd,
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 120
@@ -365,12 +369,16 @@ class Head:
         return self.log.read()[-4000:]
 
     def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        # SIGTERM to `ray start` alone (bash exec'd it), as a user's `kill <pid>` would: it stops its
+        # own processes in order; whatever is left of the group afterwards is killed
+        self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        self.proc.wait()
         self.log.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
