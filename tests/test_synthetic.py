@@ -64,3 +64,28 @@ def test_ensure_reuses_a_matching_folder(tmp_path):
     marker = (out / "synthetic.json").stat().st_mtime_ns
     ensure_synthetic(tmp_path, spec, progress=False)
     assert (out / "synthetic.json").stat().st_mtime_ns == marker
+
+
+def _ensure_in_another_process(out, spec, start):
+    start.wait()
+    ensure_synthetic(out, spec, progress=False)
+
+
+def test_ensure_from_several_processes_at_once_writes_once(tmp_path):
+    """Two jobs starting on one node both ask for the default twin: one writes it, the other waits
+    (without the lock, one's rmtree of a task folder pulls the files from under the other)."""
+    import multiprocessing
+
+    spec = SyntheticSpec(n_train=40, n_test=10, image_size=32, streams=("acl",))
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_ensure_in_another_process, args=(tmp_path / "twin", spec, start)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    reference = write_synthetic(tmp_path / "alone", spec, progress=False)
+    files = lambda root: {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*") if f.is_file()}  # noqa: E731
+    assert files(tmp_path / "twin") == files(reference)

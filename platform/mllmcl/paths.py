@@ -10,6 +10,8 @@ against the caller's working directory when the config or the job's arguments ar
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from pathlib import Path
 
@@ -94,3 +96,17 @@ def cache_dir() -> Path:
     path = Path(absolute(root))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike):
+    """An exclusive lock on ``path`` (created with its folder), held for the ``with`` block: one
+    process at a time builds a cached artifact; the others wait, then find it built."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -7,8 +7,6 @@ The saved folder loads through the same code path as a real LLaVA-1.5 checkpoint
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -23,7 +21,7 @@ import numpy as np
 import torch
 
 from mllmcl.models.chat import IMAGE_TOKEN
-from mllmcl.paths import cache_dir
+from mllmcl.paths import cache_dir, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -168,17 +166,6 @@ def pretrain(model, processor, spec: TinyVLMSpec, progress: bool = True) -> list
     return losses
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def tiny_base_path(spec: TinyVLMSpec = TinyVLMSpec()) -> Path:
     return cache_dir() / "models" / f"tiny-llava-{spec.fingerprint()}"
 
@@ -191,7 +178,7 @@ def build_tiny_base(spec: TinyVLMSpec = TinyVLMSpec(), progress: bool = True) ->
     dest = tiny_base_path(spec)
     if (dest / "meta.json").exists():
         return dest
-    with _file_lock(dest.parent / f".{dest.name}.lock"):
+    with file_lock(dest.parent / f".{dest.name}.lock"):
         if (dest / "meta.json").exists():
             return dest
         t0 = time.time()

@@ -18,6 +18,7 @@ from mllmcl.data.prompts import with_instruction
 from mllmcl.data.streams import STREAMS, StreamSpec
 from mllmcl.data.synthetic.tasks import GENERATORS
 from mllmcl.errors import ConfigError
+from mllmcl.paths import cache_dir, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -113,20 +114,24 @@ def write_synthetic(out: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(
     return out
 
 
+def _is_written(out: Path, spec: SyntheticSpec) -> bool:
+    try:
+        return json.loads((out / MARKER).read_text()).get("fingerprint") == spec.fingerprint()
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
 def ensure_synthetic(out: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), progress: bool = True) -> Path:
-    """Reuse ``out`` when its marker matches ``spec``; otherwise (re)write it."""
+    """Reuse ``out`` when its marker matches ``spec``; otherwise (re)write it. Safe to call from
+    several processes at once (two jobs starting on one node): one writes, the others wait for it."""
     out = Path(out)
-    marker = out / MARKER
-    if marker.exists():
-        try:
-            if json.loads(marker.read_text()).get("fingerprint") == spec.fingerprint():
-                return out
-        except json.JSONDecodeError:
-            pass
-    return write_synthetic(out, spec, progress=progress)
+    if _is_written(out, spec):
+        return out
+    with file_lock(out.parent / f".{out.name}.lock"):
+        if _is_written(out, spec):
+            return out
+        return write_synthetic(out, spec, progress=progress)
 
 
 def default_synthetic_root(spec: SyntheticSpec = SyntheticSpec()) -> Path:
-    from mllmcl.paths import cache_dir
-
     return cache_dir() / "synthetic" / spec.fingerprint()
