@@ -23,8 +23,9 @@ $(VENV)/.installed: pyproject.toml
 	# is Python 3.12 syntax (skipped, as pip skips it)
 	$(PY) -m compileall -qq -j 0 -x 'torch/testing/_internal/py312_intrinsics\.py$$' $(VENV)/lib platform
 	# DeepSpeed's CPU comm op, compiled once into the venv (else on first use, ~50 s); the platform and
-	# the tests find it there (TORCH_EXTENSIONS_DIR)
-	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions \
+	# the tests find it there (TORCH_EXTENSIONS_DIR). DeepSpeed's import reaches MLflow, whose telemetry
+	# would write ~/.config/mlflow/telemetry.json: off for the install
+	MLFLOW_DISABLE_TELEMETRY=true TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions \
 	  $(PY) -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load(verbose=False)" \
 	  || echo "warning: DeepSpeed's CPU comm op did not build (a C++ compiler is needed for scaling.strategy=deepspeed on CPU)"
 	touch $@
