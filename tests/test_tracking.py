@@ -116,3 +116,69 @@ def test_tracking_settings_are_checked():
                            "tracking.tensorboard_dir=s3://b/tb"])
     for words in ("set tracking.mlflow_uri too", "wandb_mode='cloud'", "a local folder"):
         assert words in str(e.value)
+
+
+def wandb_records(path: Path):
+    """The records of a W&B offline run file (``run-<id>.wandb``): a 7-byte header, then LevelDB's
+    log framing in 32-KiB blocks (crc, length, type; a record may span blocks), each a protobuf
+    ``Record``. W&B 0.31 has no Python reader of its own (its core is a Go binary)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    i, part = 7, b""
+    while i + 7 <= len(data):
+        left = block - i % block
+        if left < 7:  # a block's tail too short for a header is padding
+            i += left
+            continue
+        _, n, kind = struct.unpack("<IHB", data[i:i + 7])
+        i += 7
+        part += data[i:i + n]
+        i += n
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            yield record
+            part = b""
+
+
+def test_a_stream_is_tracked_in_wandb_offline_across_a_resume(stream_overrides, tmp_path):
+    """Where the wandb package is installed (it is not a dependency: CI's suite skips this): the
+    offline run under the run folder gets the config, every fit's per-step curves, each stage's
+    accuracy row once, the final metrics and the report files; the resubmitted driver logs into
+    the same W&B run id (an offline run per driver, which `wandb sync` joins)."""
+    pytest.importorskip("wandb")
+    from mllmcl import run_stream
+
+    cfg = load_config(None, [*stream_overrides, "scaling.backend=local", "method.name=mr_lora",
+                             f"data.tasks=[{','.join(TASKS)}]", f"storage.root={tmp_path}", "tracking.wandb=true"])
+    run_stream(cfg, "wb", stop_after=0)
+    res = run_stream(cfg, "wb")
+    run_dir = tmp_path / "runs" / "wb"
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-wb.wandb"))
+    assert len(files) == 2, files  # one per driver, both of run id "wb"
+    history: dict[str, list[float]] = {}
+    config, saved = {}, set()
+    for f in files:
+        for r in wandb_records(f):
+            kind = r.WhichOneof("record_type")
+            if kind == "history":
+                for item in r.history.item:  # a key with "/" arrives split (nested_key)
+                    history.setdefault(item.key or "/".join(item.nested_key), []).append(json.loads(item.value_json))
+            elif kind == "config":
+                config.update({u.key: json.loads(u.value_json) for u in r.config.update})
+            elif kind == "files":
+                saved |= {Path(x.path).name for x in r.files.files}
+    assert config["method.name"] == "mr_lora" and float(config["train.lr"]) == cfg.train.lr
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    fits = [t for s in manifest["stages"] for t in s["train"]]
+    curves = [k for k in history if k.startswith("fit/") and k.endswith("/loss")]
+    assert len(curves) == len(fits) >= 3, curves
+    total = sum(len(history[k]) for k in curves)
+    assert len(history["train/loss"]) == total == sum(len(history[k.replace("/loss", "/lr")]) for k in curves)
+    for j, task in enumerate(TASKS):  # each stage's row once, across the two drivers
+        assert history[f"acc/{task}"] == pytest.approx([res.matrix[k][j] for k in range(j, len(TASKS))])
+    for key in ("MFT", "MFN", "MAA", "BWT"):
+        assert history[key] == [pytest.approx(res.metrics[key])]
+    assert {"report.html", "accuracy_matrix.png", "metrics.json"} <= saved
