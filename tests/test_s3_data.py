@@ -33,6 +33,8 @@ def test_missing_image_on_s3_is_named(fixture_release, s3_bucket, tmp_path):
     storage.upload_dir(str(local), f"{s3_bucket}/rel")
     with pytest.raises(DataError, match="P0002_0001.png' not found"):
         load_stream(f"{s3_bucket}/rel", "dcl", tasks=["RS"])
+    with pytest.raises(FileNotFoundError):  # a missing key is not a storage failure
+        storage.read_bytes(f"{s3_bucket}/rel/Domain_data/RS/images/P0002_0001.png")
 
 
 def test_parquet_export_to_s3(fixture_release, s3_bucket):

@@ -9,7 +9,7 @@ import sys
 import time
 
 from mllmcl.config import Config, absolute_paths, load_config
-from mllmcl.errors import MllmclError
+from mllmcl.errors import MllmclError, StorageError
 from mllmcl.paths import absolute, output_location
 
 
@@ -65,6 +65,7 @@ def print_summary(result) -> None:
 def run_stream_job(prog: str, doc: str, stream: str, argv=None) -> int:
     setup_logging()
     args = stream_parser(prog, doc, stream).parse_intermixed_args(argv)
+    run_id = None
     try:
         cfg = resolve(args, stream)
         run_id = new_run_id(cfg)
@@ -73,6 +74,9 @@ def run_stream_job(prog: str, doc: str, stream: str, argv=None) -> int:
         result = run_stream(cfg, run_id)
     except MllmclError as e:
         print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, StorageError) and run_id:
+            print(f"The stages recorded before it are kept: once the storage answers, run the same command with "
+                  f"run.id={run_id} to resume the run.", file=sys.stderr)
         return 2
     print_summary(result)
     return 0

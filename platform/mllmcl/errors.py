@@ -25,3 +25,9 @@ class DataError(MllmclError, ValueError):
 
 class ModelLoadError(MllmclError, ValueError):
     """A backbone could not be built or loaded."""
+
+
+class StorageError(MllmclError, OSError):
+    """A request to the run's storage failed after its retries (the S3 server unreachable, timing
+    out or failing). The message names the operation and the URI. What a run recorded before it
+    stays: the same run id resumes once the storage answers."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import uuid
@@ -12,6 +14,47 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from mllmcl import chaos
+from mllmcl.errors import StorageError
+
+# answers about the key itself keep their types (a missing key is FileNotFoundError from pyarrow); a request
+# that failed (pyarrow: a plain OSError naming the AWS error; boto3/botocore: their own) is a StorageError
+_NOT_A_FAILURE = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, StorageError)
+
+
+@lru_cache(maxsize=1)
+def _failures() -> tuple[type[BaseException], ...]:
+    try:
+        from boto3.exceptions import Boto3Error  # S3UploadFailedError: a managed upload that failed
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError, Boto3Error)
+
+
+@contextlib.contextmanager
+def _s3_failures(op: str, uri: str):
+    """An S3 request that failed after its retries becomes a :class:`StorageError` naming the
+    operation and the URI (a missing key stays FileNotFoundError); local paths are left alone."""
+    if not str(uri).startswith("s3://"):
+        yield
+        return
+    try:
+        yield
+    except _NOT_A_FAILURE:
+        raise
+    except _failures() as e:
+        detail = " ".join(str(e).split())[:500]
+        raise StorageError(f"storage: {op} {uri} failed after {_s3_patience()[1]} attempt(s) "
+                           f"(MLLMCL_S3_MAX_ATTEMPTS): {type(e).__name__}: {detail}") from e
+
+
+def _storage_op(fn):
+    """Wrap a public function whose first argument is a path or URI (see :func:`_s3_failures`)."""
+    @functools.wraps(fn)
+    def wrapper(uri, *args, **kwargs):
+        with _s3_failures(fn.__name__, uri):
+            return fn(uri, *args, **kwargs)
+    return wrapper
 
 
 def is_remote(uri: str) -> bool:
@@ -73,9 +116,11 @@ def _s3_client(endpoint: str | None, region: str | None):
     from botocore.config import Config
 
     timeout, attempts = _s3_patience()
-    return boto3.client("s3", endpoint_url=endpoint or None, region_name=region,
-                        config=Config(connect_timeout=timeout, read_timeout=timeout,
-                                      retries={"mode": "standard", "max_attempts": attempts}))
+    # a session of its own: credentials are read from the environment now (boto3's default session keeps
+    # the first ones it resolved in this process)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint or None, region_name=region,
+                                          config=Config(connect_timeout=timeout, read_timeout=timeout,
+                                                        retries={"mode": "standard", "max_attempts": attempts}))
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
@@ -96,11 +141,13 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+@_storage_op
 def exists(uri: str) -> bool:
     fs, path = filesystem_for(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+@_storage_op
 def modified(uri: str) -> int | None:
     """The file's modification time (ns), None where the filesystem does not say."""
     fs, path = filesystem_for(uri)
@@ -108,11 +155,13 @@ def modified(uri: str) -> int | None:
     return int(mtime) if mtime is not None else None
 
 
+@_storage_op
 def is_dir(uri: str) -> bool:
     fs, path = filesystem_for(uri)
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
+@_storage_op
 def list_dir(uri: str) -> list[str]:
     """Names (not paths) of the direct children of a folder; [] when absent."""
     fs, path = filesystem_for(uri)
@@ -122,6 +171,7 @@ def list_dir(uri: str) -> list[str]:
     return sorted(Path(i.path).name for i in infos)
 
 
+@_storage_op
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem_for(uri)
     with fs.open_input_stream(path) as f:
@@ -136,6 +186,7 @@ def read_json(uri: str) -> Any:
     return json.loads(read_text(uri))
 
 
+@_storage_op
 def write_bytes(uri: str, data: bytes) -> None:
     """Write atomically: a temp file renamed into place locally; one PUT on S3."""
     if str(uri).startswith("s3://"):
@@ -158,6 +209,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
+@_storage_op
 def delete(uri: str) -> None:
     """Remove one file if it exists (no error when it does not)."""
     if str(uri).startswith("s3://"):
@@ -169,6 +221,7 @@ def delete(uri: str) -> None:
         fs.delete_file(path)
 
 
+@_storage_op
 def delete_dir(uri: str) -> None:
     """Remove a folder tree (every object under the prefix on S3); no error when it is absent."""
     if str(uri).startswith("s3://"):
@@ -194,7 +247,11 @@ def write_json(uri: str, obj: Any) -> None:
 
 def upload_dir(local_dir: str, uri: str) -> None:
     """Copy a local folder tree to ``uri`` (local or remote)."""
-    local_dir = os.path.abspath(local_dir)
+    with _s3_failures("upload_dir", uri):
+        _upload_dir(os.path.abspath(local_dir), uri)
+
+
+def _upload_dir(local_dir: str, uri: str) -> None:
     if str(uri).startswith("s3://"):
         bucket, prefix = _split_s3(str(uri).rstrip("/"))
         client = _s3_client(*_s3_settings())
@@ -209,6 +266,7 @@ def upload_dir(local_dir: str, uri: str) -> None:
     pafs.copy_files(local_dir, dst, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dst_fs)
 
 
+@_storage_op
 def download_dir(uri: str, local_dir: str) -> None:
     """Copy a folder tree at ``uri`` into a local folder."""
     src_fs, src = filesystem_for(uri)

@@ -111,12 +111,15 @@ class RunLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self.ttl_s > 0 and self._held_by_other() is None:
-            try:
-                if fs.exists(self.uri) and fs.read_json(self.uri).get("holder") == self.me["holder"]:
-                    fs.delete(self.uri)
-            except (ValueError, OSError):
-                pass
+        if self.ttl_s <= 0:
+            return
+        try:
+            if self._held_by_other() is None and fs.exists(self.uri) and \
+                    fs.read_json(self.uri).get("holder") == self.me["holder"]:
+                fs.delete(self.uri)
+        except (ValueError, OSError) as e:  # the storage is down (what ended the run, likely): the lease
+            # is taken over at once from this host, and by any other once it has expired
+            log.warning("run %s: lease not released (%s: %s)", self.run_id, type(e).__name__, e)
 
     def __enter__(self) -> "RunLease":
         return self.acquire()

@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 
 from mllmcl import chaos
+from mllmcl.errors import StorageError
 from mllmcl.training.request import FitConfig
 
 log = logging.getLogger(__name__)
@@ -282,6 +283,8 @@ def train_adapter(fit: FitConfig, session) -> None:
                     with open(os.path.join(d, HISTORY_FILE)) as f:
                         history = [h for h in json.load(f) if h["step"] <= start]
             break
+        except StorageError:  # the storage did not answer: not a bad checkpoint (the run resumes later)
+            raise
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt checkpoint: the one before it
             log.warning("%s/%s: checkpoint %s is unreadable (%s); resuming from the one before it",
                         request.task, request.kind, name, e)
