@@ -189,7 +189,16 @@ def build_tiny_base(spec: TinyVLMSpec = TinyVLMSpec(), progress: bool = True) ->
         losses = pretrain(model, processor, spec, progress=progress)
         tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
+        # transformers' save_pretrained reaches accelerate, which imports DeepSpeed where it is installed,
+        # which imports MLflow, whose telemetry writes ~/.config/mlflow/telemetry.json: nothing here
+        # asked for MLflow (a user's own setting wins)
+        users = os.environ.get("MLFLOW_DISABLE_TELEMETRY")
+        os.environ["MLFLOW_DISABLE_TELEMETRY"] = users or "true"
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            if users is None:
+                os.environ.pop("MLFLOW_DISABLE_TELEMETRY", None)
         processor.save_pretrained(tmp)
         meta = {
             "preset": "tiny-llava", "spec": asdict(spec), "fingerprint": spec.fingerprint(),
