@@ -346,8 +346,10 @@ def _run_stream(cfg: Config, run_id: str, stop_after: int | None,
                  "; one job at a time: each fit uses every core of this node (scaling.threads_per_worker shares "
                  "them)" if exclusive else "")
         executor = ThreadedExecutor(run_job, {"fit": slots, "eval": 1}, exclusive)
-        if any(job.lane == "eval" for job in jobs) and not exclusive:
-            start_replicas()  # they load the base while the first fits train
+        if any(job.lane == "eval" for job in jobs):
+            # they load the base while the first fit starts (also when jobs then run one at a time: a
+            # replica that loads at the first evaluation keeps the stream waiting for it, 8 s on 2 cores)
+            start_replicas()
     else:
         executor = InlineExecutor(run_job)
     try:
