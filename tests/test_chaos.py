@@ -26,7 +26,7 @@ import pytest
 from mllmcl.config import load_config
 from mllmcl.errors import ConfigError
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("default_assets")]
 
 REPO = Path(__file__).parents[1]
 TASKS = "data.tasks=[RS,Med]"
@@ -51,15 +51,26 @@ def reference(overrides, tmp_path_factory):
     return rows
 
 
-def _job(overrides, root: Path, run_id: str, kill: str | None = None, root_uri: str | None = None,
-         env: dict | None = None) -> subprocess.CompletedProcess:
+def _start_job(overrides, root: Path, run_id: str, kill: str | None = None, root_uri: str | None = None,
+               env: dict | None = None) -> subprocess.Popen:
     full = {k: v for k, v in os.environ.items() if k != "MLLMCL_CHAOS_KILL"}
     full.update(env or {})
     if kill:
         full["MLLMCL_CHAOS_KILL"] = kill
-    return subprocess.run([sys.executable, str(REPO / "jobs" / "domain_stream.py"), *overrides,
-                           f"storage.root={root_uri or root}", f"run.id={run_id}"], capture_output=True, text=True,
-                          env=full, cwd=root.parent, timeout=600)
+    return subprocess.Popen([sys.executable, str(REPO / "jobs" / "domain_stream.py"), *overrides,
+                             f"storage.root={root_uri or root}", f"run.id={run_id}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=full, cwd=root.parent)
+
+
+def _job(*args, **kwargs) -> subprocess.CompletedProcess:
+    proc = _start_job(*args, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _adapters(run: Path) -> dict[str, int]:
@@ -193,9 +204,9 @@ def test_a_run_on_s3_outlives_the_storage_server_stopping_for_a_while(overrides,
                 pass
             time.sleep(0.3)
         froze["at"] = time.time()
-        os.kill(s3_server["pid"], signal.SIGSTOP)
+        os.kill(s3_server["server"].pid, signal.SIGSTOP)
         time.sleep(10)  # > 3 request timeouts
-        os.kill(s3_server["pid"], signal.SIGCONT)
+        os.kill(s3_server["server"].pid, signal.SIGCONT)
         froze["for"] = time.time() - froze["at"]
 
     watcher = threading.Thread(target=freeze_after_stage_0)
@@ -207,10 +218,59 @@ def test_a_run_on_s3_outlives_the_storage_server_stopping_for_a_while(overrides,
     finally:
         froze["stop"] = True
         watcher.join()
-        os.kill(s3_server["pid"], signal.SIGCONT)
+        os.kill(s3_server["server"].pid, signal.SIGCONT)
         del os.environ["MLLMCL_S3_TIMEOUT_S"], os.environ["MLLMCL_S3_MAX_ATTEMPTS"]
     assert froze.get("for", 0) >= 10 and ended > froze["at"] + froze["for"], froze  # frozen mid-run
     assert job.returncode == 0, job.stderr[-3000:]
     done = storage.read_json(manifest)
     assert done["status"] == "complete"
     assert json.loads(storage.read_text(f"{env_run}/runs/frozen/metrics/accuracy_matrix.json"))["rows"] == reference
+
+
+@pytest.mark.s3
+def test_a_run_on_s3_whose_storage_server_goes_away_fails_cleanly_and_resumes(overrides, reference, s3_server,
+                                                                             s3_bucket, tmp_path):
+    """SeaweedFS SIGKILLed once stage 0 is recorded (its ports refuse connections from then on),
+    with one attempt per request: the job stops at its next request with one clear error that
+    names the failed request and the run id to resume with, stage 0 as recorded. The server is
+    started again on its data; the same command resumes the run: stage 0 is not redone, and the
+    matrix is the undisturbed run's. (With retries a shorter outage is waited out: the test above.)"""
+    from mllmcl import storage
+
+    server = s3_server["server"]
+    root_uri = f"{s3_bucket}/gone"
+    run = f"{root_uri}/runs/gone"
+    proc = _start_job(overrides, Path(tmp_path), "gone", root_uri=root_uri,
+                      env={"MLLMCL_S3_TIMEOUT_S": "3", "MLLMCL_S3_MAX_ATTEMPTS": "1"})
+    try:
+        deadline = time.time() + 300
+        recorded = None
+        while recorded is None and time.time() < deadline and proc.poll() is None:
+            try:
+                manifest = storage.read_json(f"{run}/manifest.json")
+                recorded = manifest if manifest["stages"] else None
+            except (FileNotFoundError, ValueError):  # not written yet, or being written
+                pass
+            time.sleep(0.2)
+        assert recorded is not None, proc.communicate(timeout=60)
+        stage0 = {p: storage.modified(f"{run}/tasks/0_RS/expert/{p}") for p in storage.list_dir(f"{run}/tasks/0_RS/expert")}
+        server.kill()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if server.proc.poll() is not None:
+            server.start()
+    assert proc.returncode == 2, err[-3000:]  # one clear error, not a crash
+    assert "Traceback" not in err, err[-3000:]
+    assert "error: storage: " in err and "s3://" in err and "failed after 1 attempt(s)" in err, err[-3000:]
+    assert "run.id=gone to resume" in err, err[-3000:]
+
+    server.wait_ready(bucket=s3_bucket.split("/")[2], timeout=120)
+    assert storage.read_json(f"{run}/manifest.json")["stages"] == recorded["stages"]  # stage 0 as recorded
+    again = _job(overrides, Path(tmp_path), "gone", root_uri=root_uri)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert storage.read_json(f"{run}/manifest.json")["status"] == "complete"
+    assert json.loads(storage.read_text(f"{run}/metrics/accuracy_matrix.json"))["rows"] == reference
+    assert {p: storage.modified(f"{run}/tasks/0_RS/expert/{p}") for p in stage0} == stage0  # stage 0 not redone

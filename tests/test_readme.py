@@ -167,7 +167,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def default_run(checkout) -> Path:
+def default_run(checkout, default_assets) -> Path:
     """`python jobs/domain_stream.py` with the defaults: MR-LoRA through Ray Train, storage root
     `artifacts` relative to the folder the user runs it from."""
     out = _ok(sh(STREAM, checkout, STREAM_BUDGET))
@@ -199,12 +199,12 @@ def test_default_stream_writes_where_the_user_runs_it(checkout, default_run):
     assert not [p for p in ray_tmp.rglob("runs") if p.parent.name == "artifacts"], "a run landed in Ray's folder"
 
 
-def test_a_storage_root_elsewhere_and_the_ability_stream(checkout):
-    _ok(sh(STREAM_ELSEWHERE, checkout, "'data.tasks=[RS,Med]' data.limit=40 eval.max_new_tokens=8"))
+def test_a_storage_root_elsewhere_and_the_ability_stream(checkout, default_assets):
+    _ok(sh(STREAM_ELSEWHERE, checkout, "'data.tasks=[RS,Med]' data.limit=20 eval.max_new_tokens=4"))
     elsewhere = Path(os.environ["HOME"]) / "mllmcl" / "runs" / "dcl-zero_shot"  # ~ is the user's home
     assert json.loads((elsewhere / "manifest.json").read_text())["status"] == "complete"
     assert len(json.loads((elsewhere / "metrics" / "metrics.json").read_text())["accuracy_matrix"]["rows"]) == 2
-    out = _ok(sh(ABILITY, checkout, "'data.tasks=[OCR]' data.limit=40 train.epochs=1 eval.max_new_tokens=8"))
+    out = _ok(sh(ABILITY, checkout, "'data.tasks=[OCR]' data.limit=20 train.max_steps=2 eval.max_new_tokens=4"))
     assert "ACL stream · replay" in out
     run = checkout / "artifacts" / "runs" / re.search(r"· run (\S+)", out).group(1)
     assert (run / "tasks" / "0_OCR" / "expert" / "meta.json").exists()
@@ -297,11 +297,12 @@ def test_the_planner_commands(checkout):
     assert to_s(walls[1]["concurrent"]) <= 0.35 * to_s(walls[0]["sequential"]), walls
 
 
-def test_sweep_from_the_readme(checkout):
+def test_sweep_from_the_readme(checkout, default_assets):
     """Two trials at once, each running the stream with a Ray Train fit inside the trial (the
     trial holds no CPU, so it cannot starve its own workers), results under the relative
     storage root of the sweep file."""
-    out = _ok(sh(SWEEP, checkout, "--num-samples 2 'data.tasks=[RS]' data.limit=40 train.epochs=1", timeout=900))
+    out = _ok(sh(SWEEP, checkout, "--num-samples 2 'data.tasks=[RS]' data.limit=20 train.max_steps=2 "
+                                  "eval.max_new_tokens=4", timeout=900))
     root = checkout / "artifacts" / "sweeps" / "lora_ft_dcl"
     results = json.loads((root / "results.json").read_text())
     assert [t["stop_reason"] for t in results["trials"]] == ["completed"] * 2
@@ -314,7 +315,7 @@ def test_sweep_from_the_readme(checkout):
         assert ckpts.is_dir() and not (ckpts / "latest.json").exists()  # not the local backend's layout
 
 
-def test_make_demo_commands(checkout):
+def test_make_demo_commands(checkout, default_assets):
     """`make demo`'s lines (the README's), at a smaller budget: the table and where the reports are."""
     budget = "'data.tasks=[RS,Med]' data.limit=40 train.epochs=1 method.router_epochs=2 eval.max_new_tokens=8"
     first, second, compare = _demo_lines()
@@ -395,7 +396,7 @@ def _submitted_run(out: subprocess.CompletedProcess) -> Path:
     return run
 
 
-def test_ray_job_submit_without_authentication(checkout):
+def test_ray_job_submit_without_authentication(checkout, default_assets):
     head = Head(HEAD_OPEN, checkout)
     try:
         # the default relative storage root would land in Ray's temporary copy: refused before any work
@@ -410,7 +411,7 @@ def test_ray_job_submit_without_authentication(checkout):
         head.stop()
 
 
-def test_ray_job_submit_with_token_authentication(checkout):
+def test_ray_job_submit_with_token_authentication(checkout, default_assets):
     token = Path(os.environ["HOME"]) / ".ray" / "auth_token"
     had = token.exists()
     _ok(sh(TOKEN, checkout))
@@ -431,7 +432,7 @@ def test_ray_job_submit_with_token_authentication(checkout):
             token.unlink()
 
 
-def test_the_python_example_runs_as_written(checkout):
+def test_the_python_example_runs_as_written(checkout, default_assets):
     """The README's notebook example (its ```python block under "From Python"), verbatim, in a
     fresh copy of the checkout, from the checkout's folder."""
     code = re.search(r"### From Python.*?```python\n(.*?)```", README.read_text(), re.S).group(1)

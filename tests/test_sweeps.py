@@ -123,7 +123,8 @@ def _write_sweep(path: Path, stream_overrides, storage: Path, num_samples: int, 
 HOPELESS_LR = 1e-9  # learns nothing in 30 steps: the base model's score after task 1
 
 
-def test_sweep_reports_every_task_and_writes_results(ray_session, tmp_path, stream_overrides, mlflow_server):
+def test_sweep_reports_every_task_and_writes_results(ray_session, tmp_path, stream_overrides, mlflow_server,
+                                                      default_assets):
     """Trials run the stream (local backend inside each trial, for speed), one at a time in grid
     order; ASHA stops the hopeless last configuration after task 1 (the two trials before it
     set the bar); the best preset reproduces its reported objective through the stream job.
