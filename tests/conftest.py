@@ -115,11 +115,12 @@ def pytest_terminal_summary(terminalreporter):
 
 class IdleQueue:
     """Commands that run one after another in a background process of this session, at the
-    lowest CPU priority (``SCHED_IDLE``, nice 19; OpenMP threads that sleep rather than spin while
-    they wait): they take only the cores the tests leave idle (a quarter of two cores, over a
-    whole suite), and a test that needs one's result waits for it. Their own process group, in
-    this session: where the kernel schedules by session (autogroup), a new session would be
-    scheduled as an equal of the whole test session, its priority ignored."""
+    lowest CPU priority (``SCHED_IDLE``, nice 19): they take only the cores the tests leave idle
+    (a quarter of two cores, over a whole suite), and a test that needs one's result waits for
+    it. Their own process group, in this session: where the kernel schedules by session
+    (autogroup), a new session would be scheduled as an equal of the whole test session, its
+    priority ignored. (OpenMP's threads keep their default wait policy: with
+    ``OMP_WAIT_POLICY=PASSIVE`` the README's notebook example took 56 s instead of 35 s alone.)"""
 
     def __init__(self):
         self.jobs: dict[str, dict] = {}
@@ -138,7 +139,7 @@ class IdleQueue:
             self.thread.start()
 
     def _run(self) -> None:
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        env = dict(os.environ)
         for name, job in self.jobs.items():
             if not self.stopping:
                 cwd = tempfile.mkdtemp(prefix="idle-", dir=SESSION_DIR)

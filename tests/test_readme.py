@@ -121,7 +121,10 @@ def test_the_readme_and_this_tier_agree():
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory) -> Path:
     """A fresh copy of the checkout's files (what `git clone` gives, with uncommitted work)."""
-    dest = tmp_path_factory.mktemp("clone") / "mllmcl"
+    return copy_checkout(tmp_path_factory.mktemp("clone") / "mllmcl")
+
+
+def copy_checkout(dest: Path) -> Path:
     listing = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
                              timeout=60)
     if listing.returncode == 0:
@@ -315,13 +318,53 @@ def test_sweep_from_the_readme(checkout, default_assets):
         assert ckpts.is_dir() and not (ckpts / "latest.json").exists()  # not the local backend's layout
 
 
-def test_make_demo_commands(checkout, default_assets):
+# --------------------------------------------------------------------------- in the background
+# The commands of `make demo` and the notebook example run without Ray (scaling.backend=local): the
+# session runs them in the background (conftest's IdleQueue), each in a fresh copy of the checkout
+# of its own, through this file as a script (`python tests/test_readme.py make-demo`); the tests
+# read what it printed.
+
+DEMO_BUDGET = "'data.tasks=[RS,Med]' data.limit=40 train.epochs=1 method.router_epochs=2 eval.max_new_tokens=8"
+
+
+def _python_example() -> str:
+    return re.search(r"### From Python.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+
+
+def _in_a_fresh_checkout(what: str) -> dict:
+    """Run ``what`` (make-demo, python-example) in a fresh copy of the checkout under the current folder."""
+    checkout = copy_checkout(Path.cwd() / "clone" / "mllmcl")
+    if what == "make-demo":
+        first, second, compare = _demo_lines()
+        runs = [sh(first, checkout, DEMO_BUDGET), sh(second, checkout, DEMO_BUDGET), sh(compare, checkout)]
+    else:
+        out = subprocess.run([sys.executable, "-c", _python_example()], cwd=checkout, env=_env(), capture_output=True,
+                             text=True, timeout=600)
+        out.line = "python -c <the README's example>"  # type: ignore[attr-defined]
+        runs = [out]
+    return {"checkout": str(checkout), "runs": [{"line": r.line, "returncode": r.returncode, "stdout": r.stdout,
+                                                "stderr": r.stderr} for r in runs]}
+
+
+def _ran(background: subprocess.CompletedProcess) -> tuple[Path, list[subprocess.CompletedProcess]]:
+    """The checkout and each command's run, from what ``_in_a_fresh_checkout`` printed."""
+    assert background.returncode == 0, background.stderr[-4000:]
+    result = json.loads(background.stdout.strip().splitlines()[-1])
+    runs = []
+    for r in result["runs"]:
+        out = subprocess.CompletedProcess(r["line"], r["returncode"], r["stdout"], r["stderr"])
+        out.line = r["line"]  # type: ignore[attr-defined]
+        runs.append(out)
+    return Path(result["checkout"]), runs
+
+
+@pytest.mark.background([sys.executable, str(Path(__file__).resolve()), "make-demo"])
+def test_make_demo_commands(default_assets, background_result):
     """`make demo`'s lines (the README's), at a smaller budget: the table and where the reports are."""
-    budget = "'data.tasks=[RS,Med]' data.limit=40 train.epochs=1 method.router_epochs=2 eval.max_new_tokens=8"
-    first, second, compare = _demo_lines()
-    _ok(sh(first, checkout, budget))
-    _ok(sh(second, checkout, budget))
-    out = _ok(sh(compare, checkout))
+    checkout, (first, second, compare) = _ran(background_result)
+    _ok(first)
+    _ok(second)
+    out = _ok(compare)
     assert "| mr_lora |" in out and "| lora_ft |" in out
     assert str(checkout / "artifacts" / "runs" / "demo-mr_lora" / "report" / "report.html") in out
 
@@ -432,16 +475,20 @@ def test_ray_job_submit_with_token_authentication(checkout, default_assets):
             token.unlink()
 
 
-def test_the_python_example_runs_as_written(checkout, default_assets):
+@pytest.mark.background([sys.executable, str(Path(__file__).resolve()), "python-example"])
+def test_the_python_example_runs_as_written(default_assets, background_result):
     """The README's notebook example (its ```python block under "From Python"), verbatim, in a
     fresh copy of the checkout, from the checkout's folder."""
-    code = re.search(r"### From Python.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    code = _python_example()
     assert "mllmcl.run_stream(" in code and "mllmcl.load_run(" in code
-    out = subprocess.run([sys.executable, "-c", code], cwd=checkout, env=_env(), capture_output=True, text=True,
-                         timeout=600)
+    checkout, (out,) = _ran(background_result)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     run = checkout / "artifacts" / "runs" / "notebook"
     assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
     assert "after Med" in out.stdout and "| mr_lora |" in out.stdout and "PredictionRow(question_id=" in out.stdout
     noise = [word for word in QUIET if word in out.stdout + out.stderr]
     assert not noise, f"the notebook example shows library noise {noise}"
+
+
+if __name__ == "__main__":  # the background commands above
+    print(json.dumps(_in_a_fresh_checkout(sys.argv[1])))
